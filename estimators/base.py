@@ -1,0 +1,101 @@
+"""The one interface every estimator implements.
+
+Sign convention (project-wide): ``score > 0`` means the training sample is beneficial to the
+target (removing it is predicted to raise the target cost); ``score < 0`` means harmful.
+``suspicion`` is a separate, sign-free output (higher = more likely mislabeled or an outlier).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an estimator consumes, so the pipeline computes only that.
+
+    checkpoints: "final" (last checkpoint only) or "all" (every captured checkpoint).
+    gradients: stored per-sample gradients of the train split and the target split.
+    model: direct model access (forward/backward passes over ``ScoringContext`` data).
+    """
+
+    checkpoints: Literal["final", "all"] = "final"
+    gradients: bool = False
+    model: bool = False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One captured model state. ``lr`` is the mean learning rate over the interval it closes."""
+
+    index: int
+    step: int
+    lr: float
+    load: Callable[[], dict[str, torch.Tensor]]
+
+
+class GradientSource(Protocol):
+    """Per-sample gradients, flattened in the model's parameter order (float32 rows)."""
+
+    def train_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (sample_ids (m,), gradients (m, k)) shards of the train split, in a fixed order."""
+        ...
+
+    def target(self, checkpoint: int) -> torch.Tensor:
+        """The summed target gradient g_V, shape (k,), float64."""
+        ...
+
+
+@dataclass
+class ScoringContext:
+    """Everything an estimator may read. Tensors are on ``device``; features are flat rows."""
+
+    model_factory: Callable[[], nn.Module]
+    checkpoints: list[Checkpoint]
+    train_ids: np.ndarray
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    target_x: torch.Tensor
+    target_y: torch.Tensor
+    gradients: GradientSource | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def final(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+    def model_at(self, checkpoint: Checkpoint) -> nn.Module:
+        """A fresh model in eval mode holding ``checkpoint``'s parameters."""
+        model = self.model_factory().to(self.device)
+        model.load_state_dict(checkpoint.load())
+        return model.eval()
+
+
+@dataclass
+class Attribution:
+    """Scores for every training sample: ``score`` (n,) float64 in the project sign,
+    ``suspicion`` (n,) float64 or None, both aligned with ``sample_ids`` (n,) int64."""
+
+    sample_ids: np.ndarray
+    score: np.ndarray
+    suspicion: np.ndarray | None = None
+
+
+class Estimator(ABC):
+    """A training-data attribution method. Subclasses set ``name`` and ``needs``."""
+
+    name: str
+    needs: Needs
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext) -> Attribution:
+        """Score every training sample against the summed target loss."""

@@ -1,0 +1,151 @@
+"""Per-sample gradients held in memory: a ``GradientSource`` for library users and tests.
+
+Gradients are flattened in ``parameter_order(model)``; rows keep the dtype they were given
+(the stored pipeline source uses float32, tests use float64). ``target`` is always float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from estimators.base import Checkpoint, ScoringContext
+from estimators.per_sample import per_sample_gradients
+
+
+class InMemoryGradients:
+    """Train gradients (n, d) and summed target gradients (d,) per checkpoint index.
+
+    ``train_grads`` / ``target_grads`` map ``Checkpoint.index`` to tensors; a sequence is read as
+    ``{0: seq[0], 1: seq[1], ...}``. ``train_shards`` yields row blocks of ``shard_size``.
+    """
+
+    def __init__(
+        self,
+        train_ids: np.ndarray,
+        train_grads: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+        target_grads: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+        shard_size: int = 512,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.train_ids = np.asarray(train_ids, dtype=np.int64)
+        self._train = _as_mapping(train_grads)
+        self._target = _as_mapping(target_grads)
+        self.shard_size = shard_size
+        if set(self._train) != set(self._target):
+            raise ValueError("train_grads and target_grads must cover the same checkpoints")
+        for index, g in self._train.items():
+            if g.ndim != 2 or g.shape[0] != len(self.train_ids):
+                raise ValueError(
+                    f"checkpoint {index}: train gradients must be (n={len(self.train_ids)}, d), "
+                    f"got {tuple(g.shape)}"
+                )
+            if self._target[index].shape != (g.shape[1],):
+                raise ValueError(f"checkpoint {index}: target gradient must have shape (d,)")
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """The checkpoint indices held, sorted."""
+        return sorted(self._train)
+
+    def train_matrix(self, checkpoint: int) -> torch.Tensor:
+        """All train gradients at ``checkpoint``: (n, d), rows aligned with ``train_ids``."""
+        return self._train[self._check(checkpoint)]
+
+    def train_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (sample_ids (m,), gradients (m, d)) blocks, in ``train_ids`` order."""
+        grads = self._train[self._check(checkpoint)]
+        for start in range(0, len(self.train_ids), self.shard_size):
+            stop = start + self.shard_size
+            yield self.train_ids[start:stop], grads[start:stop]
+
+    def target(self, checkpoint: int) -> torch.Tensor:
+        """The summed target gradient g_V at ``checkpoint``: (d,), float64."""
+        return self._target[self._check(checkpoint)].to(torch.float64)
+
+    def _check(self, checkpoint: int) -> int:
+        if checkpoint not in self._train:
+            raise KeyError(f"no gradients for checkpoint {checkpoint}; held: {self.checkpoints}")
+        return checkpoint
+
+    @classmethod
+    def compute(
+        cls,
+        model_factory: Callable[[], nn.Module],
+        checkpoints: Sequence[Checkpoint],
+        train_ids: np.ndarray,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        target_x: torch.Tensor,
+        target_y: torch.Tensor,
+        shard_size: int = 512,
+        chunk_size: int = 256,
+        device: torch.device | str = "cpu",
+    ) -> InMemoryGradients:
+        """Per-sample cross-entropy gradients of the train split and the summed target gradient,
+        at every checkpoint, with the model in eval mode (no weight-decay term in the gradients).
+        Rows have the model's dtype."""
+        train_grads: dict[int, torch.Tensor] = {}
+        target_grads: dict[int, torch.Tensor] = {}
+        for ckpt in checkpoints:
+            model = model_factory().to(device)
+            model.load_state_dict(ckpt.load())
+            model.eval()
+            train_grads[ckpt.index] = per_sample_gradients(
+                model, train_x.to(device), train_y.to(device), chunk_size=chunk_size
+            )
+            target_grads[ckpt.index] = summed_loss_gradient(
+                model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
+            )
+        return cls(train_ids, train_grads, target_grads, shard_size=shard_size)
+
+    @classmethod
+    def from_context(
+        cls, ctx: ScoringContext, checkpoints: str = "all", shard_size: int = 512
+    ) -> InMemoryGradients:
+        """``compute`` on a ``ScoringContext``; ``checkpoints`` is "all" or "final"."""
+        if checkpoints not in ("all", "final"):
+            raise ValueError(f'checkpoints must be "all" or "final", got {checkpoints!r}')
+        chosen = ctx.checkpoints if checkpoints == "all" else [ctx.final]
+        return cls.compute(
+            ctx.model_factory,
+            chosen,
+            ctx.train_ids,
+            ctx.train_x,
+            ctx.train_y,
+            ctx.target_x,
+            ctx.target_y,
+            shard_size=shard_size,
+            device=ctx.device,
+        )
+
+
+def summed_loss_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
+    """Gradient of ``sum_i cross_entropy(model(x_i), y_i)``: (d,), float64, in parameter order.
+
+    Computed in chunks of ``chunk_size`` rows; the model is used as given (call ``eval()`` first).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        loss = F.cross_entropy(
+            model(x[start : start + chunk_size]), y[start : start + chunk_size], reduction="sum"
+        )
+        grads = torch.autograd.grad(loss, params)
+        total += torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
+    return total
+
+
+def _as_mapping(
+    grads: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+) -> dict[int, torch.Tensor]:
+    if isinstance(grads, Mapping):
+        return {int(k): v for k, v in grads.items()}
+    return dict(enumerate(grads))

@@ -1,0 +1,170 @@
+"""Influence functions with an exact, explicitly built curvature matrix (Koh & Liang 2017).
+
+Spec sections 4 and 13. With H the curvature of the mean training loss plus weight decay and
+damping, ``score(z) = g_V^T H^{-1} g_z``. Removing z moves theta by about ``+(1/n) H^{-1} g_z``,
+so ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss U.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev, vmap
+
+from estimators._streaming import gradient_source, stream
+from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from estimators.per_sample import flat_parameters, parameter_count, parameter_order
+
+Curvature = Literal["ggn", "hessian"]
+CURVATURES: tuple[str, ...] = ("ggn", "hessian")
+
+
+def curvature_matrix(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kind: Curvature = "ggn",
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Curvature of the mean cross-entropy ``(1/n) sum_i l(x_i, y_i; theta)``: (d, d), float64.
+
+    ``kind="ggn"``: Gauss-Newton ``(1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i``, with J_i (C, d)
+    the logit Jacobian of row i and p_i its softmax; always PSD. ``kind="hessian"``: the exact
+    Hessian (may be indefinite for non-convex models). No weight-decay term is included.
+
+    ``model`` maps flat rows (n, features) to logits (n, C) and should be in eval mode; it is
+    copied to float64 for the computation. Parameters follow ``parameter_order(model)``. Rows are
+    processed in chunks of at most ``chunk_size``.
+    """
+    if kind not in CURVATURES:
+        raise ValueError(f"unknown curvature {kind!r}; expected one of {CURVATURES}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("curvature_matrix needs at least one training row")
+    model64 = copy.deepcopy(model).to(torch.float64)
+    names = parameter_order(model64)
+    params = {name: p.detach() for name, p in model64.named_parameters() if name in names}
+    buffers = {name: b.detach() for name, b in model64.named_buffers()}
+    x = x.to(torch.float64) if x.is_floating_point() else x
+    d = sum(p.numel() for p in params.values())
+    curvature = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+
+    def logits_of(p: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        return functional_call(model64, (p, buffers), (rows,))
+
+    if kind == "ggn":
+        n_classes = logits_of(params, x[:1]).shape[1]
+        rows_per_chunk = max(1, min(chunk_size, 2**23 // (n_classes * d)))
+
+        def logits_one(p: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+            return logits_of(p, row.unsqueeze(0)).squeeze(0)
+
+        jacobian = vmap(jacrev(logits_one), in_dims=(None, 0))
+        for start in range(0, n, rows_per_chunk):
+            rows = x[start : start + rows_per_chunk]
+            jac = jacobian(params, rows)
+            j = torch.cat([jac[name].reshape(rows.shape[0], n_classes, -1) for name in names], 2)
+            prob = torch.softmax(logits_of(params, rows), dim=1)  # (m, C)
+            root = prob.sqrt()
+            # H_out = diag(p) - p p^T = B B^T with B = diag(sqrt p) - p sqrt(p)^T
+            b = torch.diag_embed(root) - prob.unsqueeze(2) * root.unsqueeze(1)  # (m, C, C)
+            m = (b.transpose(1, 2) @ j).reshape(-1, d)  # rows of B^T J, (m*C, d)
+            curvature += m.T @ m
+    else:
+        flat0 = flat_parameters(model64)
+        shapes = [params[name].shape for name in names]
+        sizes = [params[name].numel() for name in names]
+        rows_per_chunk = max(1, min(chunk_size, 2**20 // d))
+
+        def chunk_loss(
+            flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor
+        ) -> torch.Tensor:
+            pieces = torch.split(flat, sizes)
+            p = {name: t.view(s) for name, t, s in zip(names, pieces, shapes, strict=True)}
+            return F.cross_entropy(logits_of(p, rows), labels, reduction="sum")
+
+        hess = hessian(chunk_loss)
+        with warnings.catch_warnings():
+            # torch's forward-mode AD loads TorchScript decompositions on first use and warns
+            warnings.filterwarnings("ignore", "`torch.jit.script`", DeprecationWarning)
+            for start in range(0, n, rows_per_chunk):
+                stop = start + rows_per_chunk
+                curvature += hess(flat0, x[start:stop], y[start:stop])
+    return curvature / n
+
+
+def damped_cholesky(curvature: torch.Tensor, shift: float) -> torch.Tensor:
+    """Lower Cholesky factor L (d, d) of ``(H + H^T)/2 + shift * I``, in float64.
+
+    Raises ValueError when that matrix is not positive definite (e.g. an indefinite Hessian with
+    too little damping).
+    """
+    h = curvature.to(torch.float64)
+    h = (h + h.T) / 2 + shift * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        lowest = torch.linalg.eigvalsh(h)[0].item()
+        raise ValueError(
+            f"damped curvature is not positive definite (smallest eigenvalue {lowest:.3e} after "
+            f"adding {shift:.3e} * I); increase damping or use curvature='ggn'"
+        )
+    return factor
+
+
+class ExactInfluence(Estimator):
+    """Influence function with the curvature built explicitly and solved by Cholesky.
+
+    ``H_total = curvature + (ctx.weight_decay + damping) * I`` where ``curvature`` is the GGN
+    (default, PSD) or the exact Hessian of the mean training loss at theta_final, and
+    ``ctx.weight_decay`` is lam in the objective ``mean loss + (lam/2) ||theta||^2``.
+
+    ``score(z) = g_z . s`` with ``s = H_total^{-1} g_V`` (g_V the summed target-loss gradient),
+    so ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` (positive = beneficial, units of target
+    loss times n). ``suspicion(z) = g_z^T H_total^{-1} g_z >= 0`` (self-influence). Outputs (n,),
+    float64, in the gradient source's shard order. Memory O(d^2), time O(n d^2 + d^3); refuses
+    models with more than ``max_params`` trainable parameters.
+    """
+
+    name = "if_exact"
+    needs = Needs(checkpoints="final", gradients=True, model=True)
+
+    def __init__(
+        self, curvature: Curvature = "ggn", damping: float = 0.01, max_params: int = 6000
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.curvature = curvature
+        self.damping = damping
+        self.max_params = max_params
+
+    def score(self, ctx: ScoringContext) -> Attribution:
+        model = ctx.model_at(ctx.final)
+        d = parameter_count(model)
+        if d > self.max_params:
+            raise ValueError(
+                f"if_exact builds a dense d x d curvature matrix; the model has d={d} trainable "
+                f"parameters > max_params={self.max_params}. Raise max_params or use an "
+                "iterative/factored estimator."
+            )
+        h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
+        factor = damped_cholesky(h, ctx.weight_decay + self.damping)
+        source = gradient_source(ctx, self.needs)
+        g_v = source.target(ctx.final.index).to(torch.float64).to(factor.device)
+        if g_v.shape != (d,):
+            raise ValueError(f"target gradient has shape {tuple(g_v.shape)}, model has d={d}")
+        s = torch.cholesky_solve(g_v.unsqueeze(1), factor).squeeze(1)
+
+        def per_shard(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = g.to(factor.device)
+            w = torch.linalg.solve_triangular(factor, g.T, upper=False)  # L^{-1} g_z^T, (d, m)
+            return g @ s, (w * w).sum(dim=0)
+
+        ids, (scores, self_influence) = stream(source, ctx.final.index, per_shard)
+        return Attribution(sample_ids=ids, score=scores, suspicion=self_influence)

@@ -1,0 +1,42 @@
+"""Per-sample gradients of the cross-entropy loss, flattened in a fixed parameter order."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+
+def parameter_order(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters, in ``named_parameters()`` order."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """The trainable parameters as one vector (d,), in ``parameter_order``."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def per_sample_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
+    """Gradients of ``cross_entropy(model(x_i), y_i)`` for every i: shape (n, d), model's dtype.
+
+    The model should be in eval mode (dropout off, BatchNorm on running statistics).
+    """
+    names = parameter_order(model)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    grads = per_sample(params, x, y)
+    return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)

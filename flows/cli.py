@@ -1,0 +1,100 @@
+"""The ``sieve`` command line. Every command exits 0 on success and 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from storage.errors import BadInput
+from storage.store import Store
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    store = Store(args.store) if args.store else Store.default()
+    try:
+        return args.command(args, store)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="store folder (default: $SIEVE_STORE or ./sieve-store)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the main flow")
+    run.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.epochs=10")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    run.set_defaults(command=cmd_run)
+
+    query = sub.add_parser("query", parents=[common], help="SQL over a run's tables (DuckDB)")
+    query.add_argument("sql")
+    query.add_argument("--run", help="run id (default: the latest run)")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    query.set_defaults(command=cmd_query)
+
+    runs = sub.add_parser("runs", parents=[common], help="list the store's runs")
+    runs.set_defaults(command=cmd_runs)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace, store: Store) -> int:
+    from tasks.config import load_config, validate
+    from tasks.train import preflight
+
+    if args.resume:
+        if args.config or args.set:
+            raise BadInput("--resume continues a run with its own config; drop -c/--set")
+        run = store.existing_run(args.resume)
+        if not run.config.exists():
+            raise BadInput(f"run {args.resume} has no config.yaml to resume from")
+        import yaml
+
+        config = validate(yaml.safe_load(run.config.read_text()))
+        run_id = args.resume
+    else:
+        config = load_config(args.config, args.set)
+        run_id = store.new_run_id()
+    preflight(config)
+
+    from flows.environment import configure
+
+    configure(store.root)
+    from flows.pipeline import pipeline
+    from flows.report import print_run_summary
+
+    started = time.perf_counter()
+    summary = pipeline(config=config, store=str(store.root), run_id=run_id,
+                       resume=bool(args.resume))
+    print_run_summary(summary, config, time.perf_counter() - started)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace, store: Store) -> int:
+    from storage.views import format_rows, open_run, run_query
+
+    run = store.existing_run(args.run) if args.run else store.latest_run()
+    with open_run(run) as con:
+        columns, rows = run_query(con, args.sql)
+    print(format_rows(columns, rows, args.format))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, store: Store) -> int:
+    from flows.report import print_runs
+
+    print_runs(store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""What the CLI prints: the run table and where to look next, and the list of runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from flows.pipeline import RunSummary
+from storage.metrics import read_metrics
+from storage.store import Store
+from tasks.config import Config
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
+
+
+def _delta(values: list[float], reference: list[float]) -> str:
+    return f"{100 * (np.mean(values) - np.mean(reference)):+.2f}"
+
+
+def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> None:
+    console = Console()
+    acc = summary.accuracy
+    full, random = acc.get("full", []), acc.get("random", [])
+    table = Table(title=f"sieve run {summary.run_id}  ({seconds:.0f} s)")
+    for column in ("estimator", "seconds", "detection AUC (−score)", "suspicion AUC",
+                   "test acc % pruned", "vs full", "vs random"):
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    for name, row in summary.estimators.items():
+        pruned = acc.get(f"pruned:{name}")
+        table.add_row(
+            name,
+            f"{row['seconds']:.2f}",
+            f"{row['detection_auc']:.3f}" if "detection_auc" in row else "–",
+            f"{row['suspicion_auc']:.3f}" if "suspicion_auc" in row else "–",
+            _mean_sd(pruned) if pruned else "–",
+            _delta(pruned, full) if pruned else "",
+            _delta(pruned, random) if pruned else "",
+        )
+    console.print(table)
+    n = len(full)
+    console.print(
+        f"test accuracy %, mean ± sd over {n} seeds: full data {_mean_sd(full)}, "
+        f"random removal of {100 * config.prune.fraction:.0f}% {_mean_sd(random)}"
+    )
+    store = summary.store
+    console.print(
+        "\nnext:\n"
+        f"  sieve query --store {store} --run {summary.run_id} "
+        "\"select estimator, avg(score) from scores group by 1\"\n"
+        f"  mlflow ui --backend-store-uri sqlite:///{store}/mlflow.db   "
+        f"(parent run {summary.mlflow_run_id})"
+    )
+
+
+def print_runs(store: Store) -> None:
+    table = Table(title=f"runs in {store.root}")
+    for column in ("run id", "data", "model", "estimators", "stages done", "best detection AUC"):
+        table.add_column(column)
+    for run in store.list_runs():
+        config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+        metrics = read_metrics(run.metrics).to_pylist()
+        stages = sorted({m["stage"] for m in metrics},
+                        key=["train", "gradients", "score", "prune", "retrain"].index)
+        aucs = [m["value"] for m in metrics if m["name"] == "detection_auc"]
+        table.add_row(
+            run.run_id,
+            str(config.get("data", {}).get("path") or config.get("data", {}).get("name", "?")),
+            str(config.get("model", {}).get("factory") or config.get("model", {}).get("name")),
+            str(len(config.get("estimators", []))),
+            ",".join(stages) or "–",
+            f"{max(aucs):.3f}" if aucs else "–",
+        )
+    Console().print(table)

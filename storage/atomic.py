@@ -1,0 +1,82 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename in ``directory`` (POSIX only; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; write it inside the block.
+
+    On normal exit the temporary file is fsync'd and renamed onto ``path`` (replacing any old
+    file). On an exception it is removed and ``path`` is left untouched. Parent directories are
+    created. The temporary name is hidden (``.{name}.tmp-{pid}-{random}``), so globs such as
+    ``part-*.parquet`` never match it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, **write_kwargs: object) -> None:
+    """Write ``table`` to ``path`` atomically; ``write_kwargs`` go to ``pq.write_table``."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **write_kwargs)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(text.encode("utf-8"), path)
+
+
+def read_parquet_table(path: Path, *, memory_map: bool = False, **read_kwargs: object) -> pa.Table:
+    """Read a whole Parquet file through ONE open handle.
+
+    ``pq.read_table(path)`` opens the path twice (footer, then data), so an atomic replace in
+    between can pair one version's footer with the other's pages. Reading through a single
+    handle always sees exactly one version. Raises what pyarrow raises (FileNotFoundError,
+    ``pa.ArrowException``, OSError).
+    """
+    opener = pa.memory_map if memory_map else pa.OSFile
+    with opener(str(path)) as source:
+        return pq.read_table(source, **read_kwargs)
+
+
+def read_parquet_schema(path: Path) -> pa.Schema:
+    """The Arrow schema (with its metadata) of a Parquet file, reading only the footer."""
+    with pa.OSFile(str(path)) as source:
+        return pq.ParquetFile(source).schema_arrow

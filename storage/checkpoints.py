@@ -1,0 +1,142 @@
+"""Model checkpoints: ``step-<n>.pt`` state_dicts and their ``index.parquet``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from storage.atomic import atomic_path, read_parquet_table, write_parquet_atomic
+from storage.errors import BadInput
+
+INDEX_NAME = "index.parquet"
+INDEX_SCHEMA = pa.schema(
+    [
+        ("checkpoint", pa.int64()),
+        ("step", pa.int64()),
+        ("epoch", pa.float64()),
+        ("lr", pa.float64()),
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict")
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One row of the checkpoint index; ``path`` is absolute when read back."""
+
+    checkpoint: int
+    step: int
+    epoch: float
+    lr: float
+    path: str
+    sha256: str
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_checkpoint(directory: Path, step: int, state_dict: Mapping[str, Any]) -> tuple[Path, str]:
+    """``torch.save`` a state_dict to ``directory/step-<step>.pt`` atomically.
+
+    Returns (path, sha256 of the file).
+    """
+    path = Path(directory) / f"step-{int(step)}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)  # keeps an OrderedDict's _metadata (module versions)
+        sha = file_sha256(tmp)
+    return path, sha
+
+
+def write_checkpoint_index(directory: Path, records: list[CheckpointRecord]) -> None:
+    """Write ``directory/index.parquet`` atomically.
+
+    Record paths are absolute or relative to the current directory; files inside ``directory``
+    are stored relative to it (so the run folder can move), others absolute.
+    """
+    directory = Path(directory).resolve()
+    paths = []
+    for r in records:
+        p = Path(r.path).resolve()
+        paths.append(p.relative_to(directory).as_posix() if p.is_relative_to(directory) else str(p))
+    table = pa.table(
+        {
+            "checkpoint": [int(r.checkpoint) for r in records],
+            "step": [int(r.step) for r in records],
+            "epoch": [float(r.epoch) for r in records],
+            "lr": [float(r.lr) for r in records],
+            "path": paths,
+            "sha256": [r.sha256 for r in records],
+        },
+        schema=INDEX_SCHEMA,
+    )
+    write_parquet_atomic(table, directory / INDEX_NAME)
+
+
+def read_checkpoint_index(directory: Path) -> list[CheckpointRecord]:
+    """The index's records sorted by checkpoint, paths absolute; BadInput if missing/unreadable."""
+    directory = Path(directory).resolve()
+    path = directory / INDEX_NAME
+    if not path.is_file():
+        raise BadInput(f"no checkpoint index {path}")
+    try:
+        table = read_parquet_table(path)
+        table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    except (OSError, KeyError, pa.ArrowException) as e:
+        raise BadInput(f"unreadable checkpoint index {path}: {_first_line(e)}") from None
+    records = [
+        CheckpointRecord(
+            checkpoint=row["checkpoint"],
+            step=row["step"],
+            epoch=row["epoch"],
+            lr=row["lr"],
+            path=str(directory / row["path"]),  # an absolute stored path stays as it is
+            sha256=row["sha256"],
+        )
+        for row in table.to_pylist()
+    ]
+    return sorted(records, key=lambda r: r.checkpoint)
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def load_state_dict(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state_dict on the CPU with ``weights_only=True``.
+
+    Accepts a plain state_dict or a dict holding one under ``state_dict`` or
+    ``model_state_dict``. When ``sha256`` is given the file must match it. BadInput (one line)
+    for a missing, unreadable or mismatching file, or one that holds no state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint {path} does not exist")
+    if sha256 is not None and file_sha256(path) != sha256.lower():
+        raise BadInput(f"checkpoint {path} does not match its recorded sha256")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
+        raise BadInput(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        obj = next((obj[k] for k in _WRAPPER_KEYS if _is_state_dict(obj.get(k))), obj)
+    if _is_state_dict(obj):
+        return obj if isinstance(obj, dict) else dict(obj)
+    raise BadInput(f"checkpoint {path} is not a state_dict (str -> tensor mapping)")

@@ -1,0 +1,280 @@
+"""The run configuration: YAML validated by pydantic; unknown keys and wrong types are errors.
+
+``load_config(path, overrides)`` merges the embedded default (configs/default.yaml), the user's
+file and ``--set a.b=value`` overrides (values parsed as YAML), then validates.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from estimators.registry import ESTIMATORS, estimator_options
+from storage.errors import BadInput
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Splits(Section):
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Splits:
+        if abs(self.train + self.val + self.test - 1) > 1e-6:
+            raise ValueError("train + val + test must sum to 1")
+        return self
+
+
+class DataConfig(Section):
+    name: Literal["digits", "parquet"] = "digits"
+    path: str | None = None
+    noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
+    splits: Splits = Splits()
+    label_column: str = "label"
+    feature_columns: list[str] | None = None
+    group_column: str | None = None
+
+    @model_validator(mode="after")
+    def _path_means_parquet(self) -> DataConfig:
+        if self.path is not None:
+            self.name = "parquet"
+        elif self.name == "parquet":
+            raise ValueError("data.name parquet needs data.path")
+        return self
+
+
+class ModelConfig(Section):
+    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    factory: str | None = Field(None, description="'package.module:function' building the model")
+    hidden: int = Field(32, ge=1)
+
+
+class CheckpointFile(Section):
+    path: str
+    lr: float = Field(gt=0)
+    step: int | None = None
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    checkpoints: int | list[CheckpointFile] = Field(5)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-3, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "cosine"
+    step_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _positive(cls, v: int | list[CheckpointFile]) -> int | list[CheckpointFile]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        if isinstance(v, list) and not v:
+            raise ValueError("list of checkpoint files is empty")
+        return v
+
+
+class GradientsConfig(Section):
+    shard_size: int = Field(512, ge=1)
+    projection: None = Field(None, description="random projection: not available yet")
+
+
+class EstimatorSpec(BaseModel):
+    """An estimator name and its options (passed to the estimator's constructor)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {v!r}; known: {', '.join(ESTIMATORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _known_options(self) -> EstimatorSpec:
+        accepted = estimator_options(self.name)
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"estimator {self.name!r} has no option(s) {unknown}; "
+                f"accepted: {accepted or 'none'}"
+            )
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TargetsConfig(Section):
+    split: Literal["val", "test"] = "val"
+    pairwise: Literal[False] = Field(False, description="train x test attributions: not yet")
+
+
+class PruneConfig(Section):
+    by: list[str] = Field(default_factory=lambda: ["tracin"])
+    fraction: float = Field(0.10, gt=0, lt=1)
+    seeds: int = Field(5, ge=1)
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class DaskConfig(Section):
+    workers: int = Field(2, ge=1)
+    address: str | None = None
+
+
+class RayConfig(Section):
+    address: str | None = None
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    experiment: str = "sieve"
+
+
+class Config(Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    gradients: GradientsConfig = GradientsConfig()
+    estimators: list[EstimatorSpec] = Field(default_factory=list)
+    targets: TargetsConfig = TargetsConfig()
+    prune: PruneConfig = PruneConfig()
+    runner: Literal["threads"] = Field("threads", description="dask and ray: not available yet")
+    dask: DaskConfig = DaskConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("estimators", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        if v == "all":
+            return [{"name": name} for name in ESTIMATORS]
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list):
+            return v
+        return [{"name": e} if isinstance(e, str) else e for e in v]
+
+    @model_validator(mode="after")
+    def _prune_by_scored(self) -> Config:
+        if not self.estimators:
+            raise ValueError("estimators: list at least one estimator")
+        names = [e.name for e in self.estimators]
+        if len(set(names)) != len(names):
+            raise ValueError("estimators: an estimator is listed twice")
+        missing = [b for b in self.prune.by if b not in names]
+        if missing:
+            raise ValueError(f"prune.by {missing} must be among the estimators {names}")
+        return self
+
+    def estimator(self, name: str) -> EstimatorSpec:
+        return next(e for e in self.estimators if e.name == name)
+
+
+def default_config_dict() -> dict[str, Any]:
+    text = resources.files("configs").joinpath("default.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """The validated config: embedded default <- file <- overrides. Raises BadInput."""
+    raw = default_config_dict()
+    if path is not None:
+        raw = _merge(raw, _read_yaml(Path(path)))
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise BadInput(_one_line(exc)) from None
+
+
+def config_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BadInput(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInput(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadInput(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or ["error"])[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else problem
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge mappings; lists and scalars in ``update`` replace those in ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise BadInput(f"--set {item!r}: expected key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise BadInput(f"--set {item!r}: value is not valid YAML") from None
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise BadInput(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{loc}: " if loc else ""
+    msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] != "missing":
+        msg = f"{msg} (got {err.get('input')!r})"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"config: {where}{msg}{more}"

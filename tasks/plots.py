@@ -1,0 +1,60 @@
+"""Figures logged as MLflow artifacts (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from estimators.base import Attribution  # noqa: E402
+
+
+def score_distributions(
+    attributions: dict[str, Attribution], corrupted: dict[int, bool], path: Path
+) -> Path:
+    """One histogram per estimator: scores of clean vs corrupted training samples."""
+    names = list(attributions)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        a = attributions[name]
+        bad = np.array([corrupted[int(i)] for i in a.sample_ids])
+        bins = np.histogram_bin_edges(a.score, bins=40)
+        ax.hist(a.score[~bad], bins=bins, alpha=0.6, label="clean", density=True)
+        ax.hist(a.score[bad], bins=bins, alpha=0.6, label="corrupted", density=True)
+        ax.set_title(name)
+        ax.set_xlabel("score (>0 helps the target)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_comparison(arms: dict[str, list[float]], path: Path) -> Path:
+    """Test accuracy per arm (full data, random removal, pruned by X): mean ± sd over seeds."""
+    names = list(arms)
+    means = [float(np.mean(arms[n])) for n in names]
+    sds = [float(np.std(arms[n])) for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
+    ax.bar(names, means, yerr=sds, capsize=4, color="#4c72b0")
+    for i, n in enumerate(names):
+        ax.scatter([i] * len(arms[n]), arms[n], color="black", s=8, zorder=3)
+    low = min(min(v) for v in arms.values())
+    ax.set_ylim(max(0.0, low - 0.03), min(1.0, max(max(v) for v in arms.values()) + 0.02))
+    ax.set_ylabel("test accuracy")
+    ax.set_title("retrained test accuracy (mean ± sd over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""Stage 4: choose what to remove — the most harmful training samples by a DuckDB query over
+the scores, and random subsets of the same size as the control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from storage.atomic import write_parquet_atomic
+from storage.store import RunPaths
+from storage.tracking import Tracking
+from storage.views import open_run
+from tasks.config import Config
+from tasks.score import target_name
+from tasks.stage import stage
+from tasks.workload import load_workload
+
+MOST_HARMFUL = """
+    select sample_id from scores
+    where estimator = $estimator and target = $target
+    order by score asc, sample_id asc
+    limit $count
+"""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One retraining arm: train without ``removed`` (sample ids), for ``seed``."""
+
+    arm: str
+    seed: int
+    removed: tuple[int, ...]
+
+
+def prune_count(config: Config, n_train: int) -> int:
+    return max(1, int(round(config.prune.fraction * n_train)))
+
+
+def retrain_seeds(config: Config) -> list[int]:
+    return [config.seed + i for i in range(config.prune.seeds)]
+
+
+@task(name="prune", cache_policy=NO_CACHE)
+def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Removal]:
+    """The removals to retrain: full data, random, and pruned-by-each-``prune.by``, per seed."""
+    log = get_run_logger()
+    work = load_workload(run, config)
+    train_ids = work.samples.sample_id[work.rows("train")]
+    count = prune_count(config, len(train_ids))
+    seeds = retrain_seeds(config)
+    removals = [Removal("full", s, ()) for s in seeds]
+    for s in seeds:
+        chosen = np.random.default_rng([config.seed, 1000 + s]).choice(train_ids, count, False)
+        removals.append(Removal("random", s, tuple(sorted(chosen.tolist()))))
+    corrupted = dict(zip(work.samples.sample_id.tolist(),
+                         (work.samples.corrupted if work.samples.corrupted is not None
+                          else np.zeros(len(work.samples.sample_id), bool)).tolist(),
+                         strict=True))
+    with stage(run, tracking, "prune") as rec, open_run(run) as con:
+        rec.params({"fraction": config.prune.fraction, "count": count,
+                    "by": ",".join(config.prune.by)})
+        for name in config.prune.by:
+            params = {"estimator": name, "target": target_name(config), "count": count}
+            ids = [row[0] for row in con.execute(MOST_HARMFUL, params).fetchall()]
+            write_parquet_atomic(
+                pa.table({"sample_id": pa.array(ids, pa.int64()),
+                          "rank": pa.array(range(len(ids)), pa.int64())}),
+                run.dir / "prune" / f"estimator={name}" / "part-0.parquet",
+            )
+            hit = float(np.mean([corrupted[i] for i in ids]))
+            rec.metric("removed", len(ids), estimator=name)
+            rec.metric("removed_corrupted_fraction", hit, estimator=name)
+            log.info("prune: %d most harmful by %s, %.0f%% of them corrupted", len(ids), name,
+                     100 * hit)
+            removals += [Removal(f"pruned:{name}", s, tuple(ids)) for s in seeds]
+    return removals

@@ -1,0 +1,59 @@
+"""A pipeline stage's record: one MLflow child run plus its rows in metrics.parquet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from storage.metrics import record_metrics
+from storage.store import RunPaths
+from storage.tracking import StageRun, Tracking
+
+
+class StageRecord:
+    """Collects a stage's metrics; each goes to MLflow (key ``name[.estimator][.seed]``)
+    and to metrics.parquet (stage, name, value, estimator, seed, step)."""
+
+    def __init__(self, name: str, mlflow_run: StageRun) -> None:
+        self.name = name
+        self.mlflow = mlflow_run
+        self.rows: list[dict[str, Any]] = []
+
+    def metric(
+        self,
+        name: str,
+        value: float,
+        estimator: str | None = None,
+        seed: int | None = None,
+        step: int | None = None,
+    ) -> None:
+        self.rows.append({"name": name, "value": value, "estimator": estimator, "seed": seed,
+                          "step": step})
+        key = ".".join([name] + ([estimator] if estimator else []) +
+                       ([f"seed{seed}"] if seed is not None else []))
+        self.mlflow.metric(key, value, step or 0)
+
+    def params(self, values: dict[str, Any]) -> None:
+        self.mlflow.params(values)
+
+    def artifact(self, path: Path) -> None:
+        self.mlflow.artifact(path)
+
+
+@contextmanager
+def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]:
+    """Open the MLflow child run ``name``; on success record ``seconds`` and write the metrics."""
+    record = StageRecord(name, tracking.start_stage(name))
+    started = time.perf_counter()
+    ok = False
+    try:
+        yield record
+        ok = True
+    finally:
+        if ok:
+            record.metric("seconds", time.perf_counter() - started)
+            record_metrics(run.metrics, name, record.rows)
+        record.mlflow.end(ok)

@@ -1,0 +1,148 @@
+"""Stage 1: the run's samples, then training with checkpoint capture (or the user's checkpoints)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from storage.atomic import write_parquet_atomic
+from storage.checkpoints import (
+    CheckpointRecord,
+    file_sha256,
+    load_state_dict,
+    read_checkpoint_index,
+    save_checkpoint,
+    write_checkpoint_index,
+)
+from storage.errors import BadInput
+from storage.store import RunPaths
+from storage.tracking import Tracking
+from tasks.config import Config
+from tasks.stage import stage
+from tasks.workload import Workload, factory_for, load_workload
+from workloads.datasets import Samples, load_digits, load_parquet, samples_table
+from workloads.noise import flip_labels
+from workloads.training import CheckpointEvent, accuracy, train
+
+
+def load_samples(config: Config) -> Samples:
+    """The configured dataset with label noise applied to the train split."""
+    d = config.data
+    fractions = d.splits.model_dump()
+    if d.name == "digits":
+        samples = load_digits(fractions, config.seed)
+    else:
+        samples = load_parquet(
+            d.path, label_column=d.label_column, feature_columns=d.feature_columns,
+            group_column=d.group_column, fractions=fractions, seed=config.seed,
+        )
+    for split in ("train", "val", "test"):
+        if len(samples.indices(split)) == 0:
+            raise BadInput(f"data: the {split} split is empty")
+    if d.noise > 0:
+        noisy, corrupted = flip_labels(
+            samples.label, d.noise, samples.num_classes, samples.indices("train"), config.seed
+        )
+        clean = samples.clean_label if samples.clean_label is not None else samples.label
+        samples = samples.with_labels(noisy, clean, corrupted)
+    return samples
+
+
+def preflight(config: Config) -> None:
+    """Fail fast, before any flow starts, on data or model problems (raises BadInput)."""
+    samples = load_samples(config)
+    model = factory_for(config, samples)()
+    with torch.no_grad():
+        out = model(torch.from_numpy(samples.x[:2]))
+    if out.ndim != 2 or out.shape[1] < samples.num_classes:
+        raise BadInput(
+            f"model output has shape {tuple(out.shape)}; expected (n, {samples.num_classes}) logits"
+        )
+    if isinstance(config.train.checkpoints, list):
+        for ckpt in config.train.checkpoints:
+            _load_into(model, ckpt.path)
+
+
+def _load_into(model: torch.nn.Module, path: str) -> None:
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise BadInput(f"checkpoint {path} does not match the model: {first[0].strip()}") from None
+
+
+@task(name="prepare-samples", cache_policy=NO_CACHE)
+def prepare_samples(run: RunPaths, config: Config) -> int:
+    """Write samples.parquet once (a resumed run keeps the existing file)."""
+    if not run.samples.exists():
+        write_parquet_atomic(samples_table(load_samples(config)), run.samples)
+    return int(run.samples.stat().st_size)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[CheckpointRecord]:
+    """Train on the train split, capturing checkpoints; returns the checkpoint index."""
+    log = get_run_logger()
+    if run.checkpoint_index.exists():
+        records = read_checkpoint_index(run.checkpoints_dir)
+        log.info("train: reusing %d checkpoints already in %s", len(records), run.checkpoints_dir)
+        return records
+    work = load_workload(run, config)
+    with stage(run, tracking, "train") as rec:
+        rec.params({"model": config.model.factory or config.model.name, **work.recipe.__dict__,
+                    "seed": config.seed, "n_train": len(work.rows("train"))})
+        if isinstance(config.train.checkpoints, list):
+            records = _register_user_checkpoints(config, work)
+            log.info("train: attributing %d given checkpoints, no training", len(records))
+        else:
+            records = _train_and_capture(run, config, work, rec, log)
+        write_checkpoint_index(run.checkpoints_dir, records)
+        final = work.factory()
+        final.load_state_dict(load_state_dict(records[-1].path, records[-1].sha256))
+        for split in ("train", "val", "test"):
+            idx = work.rows(split)
+            labels = work.test_labels() if split == "test" else work.y
+            rec.metric(f"{split}_accuracy", accuracy(final, work.x[idx], labels[idx]))
+    return records
+
+
+def _train_and_capture(run, config, work: Workload, rec, log) -> list[CheckpointRecord]:
+    idx = work.rows("train")
+    torch.manual_seed(config.seed)
+    model = work.factory()
+    records: list[CheckpointRecord] = []
+    started = time.perf_counter()
+
+    def capture(event: CheckpointEvent) -> None:
+        path, sha = save_checkpoint(run.checkpoints_dir, event.step, event.state_dict)
+        records.append(CheckpointRecord(event.index, event.step, event.epoch, event.lr,
+                                        str(path), sha))
+
+    def progress(epoch: int, loss: float) -> None:
+        if epoch == 1 or epoch % 5 == 0 or epoch == work.recipe.epochs:
+            rate = epoch * len(idx) / (time.perf_counter() - started)
+            log.info("train: epoch %d/%d, loss %.4f, %.0f samples/s", epoch,
+                     work.recipe.epochs, loss, rate)
+
+    losses = train(model, work.x[idx], work.y[idx], work.recipe, config.seed,
+                   checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress)
+    for step, loss in enumerate(losses):
+        rec.mlflow.metric("loss", loss, step)
+    rec.metric("final_loss", float(np.mean(losses[-10:])))
+    return records
+
+
+def _register_user_checkpoints(config: Config, work: Workload) -> list[CheckpointRecord]:
+    model = work.factory()
+    records = []
+    for i, ckpt in enumerate(config.train.checkpoints):
+        _load_into(model, ckpt.path)
+        step = ckpt.step if ckpt.step is not None else i
+        records.append(CheckpointRecord(i, step, float("nan"), ckpt.lr, ckpt.path,
+                                        file_sha256(ckpt.path)))
+    return records

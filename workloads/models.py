@@ -1,0 +1,92 @@
+"""Models that take flat feature rows (n, f) and return logits (n, C), and user factories."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from storage.errors import BadInput
+
+ModelFactory = Callable[[], nn.Module]
+
+
+def logistic_regression(input_dim: int, num_classes: int) -> nn.Module:
+    return nn.Linear(input_dim, num_classes)
+
+
+def mlp(input_dim: int, num_classes: int, hidden: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
+
+
+def small_cnn(input_shape: tuple[int, ...], num_classes: int, channels: int = 8) -> nn.Module:
+    """Two 3x3 conv blocks over (C, H, W) images given as flat rows; GroupNorm, not BatchNorm,
+    so per-sample gradients work in any mode."""
+    c, _, _ = input_shape
+    return nn.Sequential(
+        nn.Unflatten(1, input_shape),
+        nn.Conv2d(c, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * channels, num_classes),
+    )
+
+
+BUILTIN = ("logreg", "mlp", "cnn")
+
+
+def model_factory(
+    name: str | None,
+    factory: str | None,
+    *,
+    input_dim: int,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: int,
+) -> ModelFactory:
+    """A zero-argument callable building a fresh model: a built-in by ``name`` or a user's
+    ``"package.module:function"`` (called with whichever of input_dim, input_shape,
+    num_classes its signature names)."""
+    if factory:
+        return _user_factory(factory, input_dim, input_shape, num_classes)
+    if name == "logreg":
+        return lambda: logistic_regression(input_dim, num_classes)
+    if name == "mlp":
+        return lambda: mlp(input_dim, num_classes, hidden)
+    if name == "cnn":
+        if len(input_shape) != 3:
+            raise BadInput(f"model cnn needs image data (C, H, W); this data has {input_shape}")
+        return lambda: small_cnn(input_shape, num_classes)
+    raise BadInput(f"unknown model {name!r}; choose one of {BUILTIN} or give model.factory")
+
+
+def _user_factory(
+    spec: str, input_dim: int, input_shape: tuple[int, ...], num_classes: int
+) -> ModelFactory:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise BadInput(f"model.factory {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's input
+        raise BadInput(f"model.factory {spec!r}: cannot import {module_name}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise BadInput(f"model.factory {spec!r}: {module_name} has no callable {attr!r}")
+    offered = {"input_dim": input_dim, "input_shape": input_shape, "num_classes": num_classes}
+    accepted = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in offered.items() if k in accepted}
+
+    def build() -> nn.Module:
+        model = fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise BadInput(f"model.factory {spec!r} returned {type(model).__name__}, not a Module")
+        return model
+
+    return build
