@@ -13,6 +13,12 @@ from storage.store import Store
 from tasks.config import Config
 
 
+def _console() -> Console:
+    """A console that doesn't squeeze tables into 80 columns when output is piped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _mean_sd(values: list[float]) -> str:
     return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
@@ -22,7 +28,7 @@ def _delta(values: list[float], reference: list[float]) -> str:
 
 
 def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> None:
-    console = Console()
+    console = _console()
     acc = summary.accuracy
     full, random = acc.get("full", []), acc.get("random", [])
     table = Table(title=f"sieve run {summary.run_id}  ({seconds:.0f} s)")
@@ -74,4 +80,4 @@ def print_runs(store: Store) -> None:
             ",".join(stages) or "–",
             f"{max(aucs):.3f}" if aucs else "–",
         )
-    Console().print(table)
+    _console().print(table)

@@ -18,7 +18,7 @@ from storage.errors import BadInput
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Splits(Section):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import Config
 from storage.store import RunPaths
+from tasks.config import Config
 from workloads.datasets import Samples, read_samples
 from workloads.models import ModelFactory, model_factory
 from workloads.training import Recipe

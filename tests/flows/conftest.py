@@ -12,7 +12,7 @@ SMALL = [
     "train.epochs=6",
     "train.checkpoints=3",
     "prune.seeds=2",
-    "gradients.shard_size=128",
+    "gradients.shard_size=32",
 ]
 
 
