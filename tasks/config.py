@@ -54,7 +54,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: Literal["logreg", "mlp", "cnn"] = "mlp"
     factory: str | None = Field(None, description="'package.module:function' building the model")
-    hidden: int = Field(32, ge=1)
+    hidden: int = Field(64, ge=1)
 
 
 class CheckpointFile(Section):
@@ -68,7 +68,7 @@ class TrainConfig(Section):
     checkpoints: int | list[CheckpointFile] = Field(5)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-3, ge=0)
     schedule: Literal["constant", "step", "cosine"] = "cosine"

@@ -1,5 +1,6 @@
 """Test-wide settings: one thread for torch, Prefect's local API with its home in a temp dir."""
 
+import logging
 import os
 import tempfile
 
@@ -12,3 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Prefect logs "Stopping temporary server" at interpreter exit, after pytest has closed the
+# captured stream it logs to; don't print a traceback for that.
+logging.raiseExceptions = False

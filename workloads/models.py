@@ -17,7 +17,7 @@ def logistic_regression(input_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(input_dim, num_classes)
 
 
-def mlp(input_dim: int, num_classes: int, hidden: int = 32) -> nn.Module:
+def mlp(input_dim: int, num_classes: int, hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
 
 

@@ -20,7 +20,7 @@ class Recipe:
     epochs: int = 30
     batch_size: int = 32
     optimizer: str = "sgd"
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-3
     schedule: str = "cosine"
