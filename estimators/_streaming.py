@@ -56,3 +56,29 @@ def target_dots(source: GradientSource, checkpoint: int) -> tuple[np.ndarray, li
     """Sample ids (n,) and [g_z . g_V, ||g_z||^2] (each (n,), float64) at ``checkpoint``."""
     g_v = source.target(checkpoint).to(torch.float64)
     return stream(source, checkpoint, lambda g: (g @ g_v, (g * g).sum(dim=1)))
+
+
+def pairwise_dots(
+    source: GradientSource,
+    checkpoint: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train x target inner products at ``checkpoint``: (train ids (n,), target ids (m,),
+    (n, m) float64) with entries ``g_z . transform(G_t)[j]``; ``transform`` maps the target
+    rows (m, d) float64 to (m, d) (e.g. an inverse-curvature solve); ``normalize`` divides by
+    the norms (cosine)."""
+    target_ids, rows = source.target_rows(checkpoint)
+    rows = rows.to(torch.float64)
+    if transform is not None:
+        rows = transform(rows)
+    if normalize:
+        rows = rows / (torch.linalg.vector_norm(rows, dim=1, keepdim=True) + 1e-12)
+
+    def dots(g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if normalize:
+            g = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + 1e-12)
+        return tuple((g @ rows.T).T)
+
+    ids, columns = stream(source, checkpoint, dots)
+    return ids, np.asarray(target_ids, dtype=np.int64), np.stack(columns, axis=1)

@@ -23,22 +23,29 @@ class Needs:
 
     checkpoints: "final" (last checkpoint only) or "all" (every captured checkpoint).
     gradients: stored per-sample gradients of the train split and the target split.
-    model: direct model access (forward/backward passes over ``ScoringContext`` data).
+    model: direct model access (forward/backward passes over ``ScoringContext`` data, HVPs).
     """
 
     checkpoints: Literal["final", "all"] = "final"
     gradients: bool = False
     model: bool = False
+    full_gradients: bool = False
+    """True when stored gradients must be unprojected (the estimator needs parameter space)."""
+    models: bool = False
+    """True when the estimator uses ``ScoringContext.extra_models`` (ensembles over seeds)."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One captured model state. ``lr`` is the mean learning rate over the interval it closes."""
+    """One captured model state after global step ``step``. ``lr`` is the mean learning rate over
+    the interval it closes (TracIn's eta_c); ``step_lr`` the learning rate of the step itself
+    (Diff-In's eta_t), None when unknown (then use ``lr``)."""
 
     index: int
     step: int
     lr: float
     load: Callable[[], dict[str, torch.Tensor]]
+    step_lr: float | None = None
 
 
 class GradientSource(Protocol):
@@ -50,6 +57,10 @@ class GradientSource(Protocol):
 
     def target(self, checkpoint: int) -> torch.Tensor:
         """The summed target gradient g_V, shape (k,), float64."""
+        ...
+
+    def target_rows(self, checkpoint: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Per-sample target gradients for pairwise scores: (target ids (m,), (m, k))."""
         ...
 
 
@@ -68,6 +79,11 @@ class ScoringContext:
     weight_decay: float = 0.0
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    target_ids: np.ndarray | None = None
+    batch_size: int = 32
+    extra_models: list[list[Checkpoint]] = field(default_factory=list)
+    """Checkpoints of independently trained models (same recipe, other seeds), for ensembles;
+    each list is in training order, its last entry that model's final state."""
 
     @property
     def final(self) -> Checkpoint:
@@ -99,3 +115,8 @@ class Estimator(ABC):
     @abstractmethod
     def score(self, ctx: ScoringContext) -> Attribution:
         """Score every training sample against the summed target loss."""
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Train x target scores for single target samples: (train ids (n,), target ids (m,),
+        scores (n, m) float64, project sign). Estimators that can't do this raise."""
+        raise NotImplementedError(f"{self.name} has no train x test attributions")

@@ -30,6 +30,8 @@ class InMemoryGradients:
         train_grads: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
         target_grads: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
         shard_size: int = 512,
+        target_rows: Mapping[int, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+        target_ids: np.ndarray | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -37,6 +39,8 @@ class InMemoryGradients:
         self._train = _as_mapping(train_grads)
         self._target = _as_mapping(target_grads)
         self.shard_size = shard_size
+        self._target_rows = _as_mapping(target_rows) if target_rows is not None else None
+        self.target_ids = None if target_ids is None else np.asarray(target_ids, dtype=np.int64)
         if set(self._train) != set(self._target):
             raise ValueError("train_grads and target_grads must cover the same checkpoints")
         for index, g in self._train.items():
@@ -68,6 +72,14 @@ class InMemoryGradients:
         """The summed target gradient g_V at ``checkpoint``: (d,), float64."""
         return self._target[self._check(checkpoint)].to(torch.float64)
 
+    def target_rows(self, checkpoint: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Per-sample target gradients (target ids (m,), (m, d)), for pairwise scores."""
+        if self._target_rows is None:
+            raise ValueError("these gradients hold only the summed target; pass target_rows")
+        rows = self._target_rows[self._check(checkpoint)]
+        ids = self.target_ids if self.target_ids is not None else np.arange(rows.shape[0])
+        return ids, rows
+
     def _check(self, checkpoint: int) -> int:
         if checkpoint not in self._train:
             raise KeyError(f"no gradients for checkpoint {checkpoint}; held: {self.checkpoints}")
@@ -86,12 +98,14 @@ class InMemoryGradients:
         shard_size: int = 512,
         chunk_size: int = 256,
         device: torch.device | str = "cpu",
+        target_ids: np.ndarray | None = None,
     ) -> InMemoryGradients:
-        """Per-sample cross-entropy gradients of the train split and the summed target gradient,
-        at every checkpoint, with the model in eval mode (no weight-decay term in the gradients).
-        Rows have the model's dtype."""
+        """Per-sample cross-entropy gradients of the train and target rows and the summed target
+        gradient, at every checkpoint, with the model in eval mode (no weight-decay term in the
+        gradients). Rows have the model's dtype."""
         train_grads: dict[int, torch.Tensor] = {}
         target_grads: dict[int, torch.Tensor] = {}
+        target_rows: dict[int, torch.Tensor] = {}
         for ckpt in checkpoints:
             model = model_factory().to(device)
             model.load_state_dict(ckpt.load())
@@ -99,10 +113,14 @@ class InMemoryGradients:
             train_grads[ckpt.index] = per_sample_gradients(
                 model, train_x.to(device), train_y.to(device), chunk_size=chunk_size
             )
+            target_rows[ckpt.index] = per_sample_gradients(
+                model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
+            )
             target_grads[ckpt.index] = summed_loss_gradient(
                 model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
             )
-        return cls(train_ids, train_grads, target_grads, shard_size=shard_size)
+        return cls(train_ids, train_grads, target_grads, shard_size=shard_size,
+                   target_rows=target_rows, target_ids=target_ids)
 
     @classmethod
     def from_context(
@@ -122,6 +140,7 @@ class InMemoryGradients:
             ctx.target_y,
             shard_size=shard_size,
             device=ctx.device,
+            target_ids=ctx.target_ids,
         )
 
 

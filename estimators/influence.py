@@ -11,12 +11,13 @@ import copy
 import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from estimators._streaming import gradient_source, stream
+from estimators._streaming import gradient_source, pairwise_dots, stream
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
 from estimators.per_sample import flat_parameters, parameter_count, parameter_order
 
@@ -144,7 +145,8 @@ class ExactInfluence(Estimator):
         self.damping = damping
         self.max_params = max_params
 
-    def score(self, ctx: ScoringContext) -> Attribution:
+    def _factor(self, ctx: ScoringContext) -> torch.Tensor:
+        """Cholesky factor of H_total at the final checkpoint."""
         model = ctx.model_at(ctx.final)
         d = parameter_count(model)
         if d > self.max_params:
@@ -154,7 +156,11 @@ class ExactInfluence(Estimator):
                 "iterative/factored estimator."
             )
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
-        factor = damped_cholesky(h, ctx.weight_decay + self.damping)
+        return damped_cholesky(h, ctx.weight_decay + self.damping)
+
+    def score(self, ctx: ScoringContext) -> Attribution:
+        factor = self._factor(ctx)
+        d = factor.shape[0]
         source = gradient_source(ctx, self.needs)
         g_v = source.target(ctx.final.index).to(torch.float64).to(factor.device)
         if g_v.shape != (d,):
@@ -168,3 +174,12 @@ class ExactInfluence(Estimator):
 
         ids, (scores, self_influence) = stream(source, ctx.final.index, per_shard)
         return Attribution(sample_ids=ids, score=scores, suspicion=self_influence)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``G_train H_total^{-1} G_t^T``: (train ids, target ids, (n, m)), same sign."""
+        factor = self._factor(ctx)
+
+        def solve(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cholesky_solve(rows.to(factor.device).T, factor).T
+
+        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index, transform=solve)

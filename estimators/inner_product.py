@@ -6,9 +6,10 @@ inverse curvature replaced by the identity, i.e. TracIn with one checkpoint and 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from estimators._streaming import gradient_source, stream, target_dots
+from estimators._streaming import gradient_source, pairwise_dots, stream, target_dots
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
 
 
@@ -27,6 +28,9 @@ class InnerProduct(Estimator):
         source = gradient_source(ctx, self.needs)
         ids, (scores, self_ip) = target_dots(source, ctx.final.index)
         return Attribution(sample_ids=ids, score=scores, suspicion=self_ip)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index)
 
 
 class CosineInnerProduct(Estimator):
@@ -52,3 +56,6 @@ class CosineInnerProduct(Estimator):
 
         ids, (scores,) = stream(source, index, cosine)
         return Attribution(sample_ids=ids, score=scores, suspicion=None)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index, normalize=True)

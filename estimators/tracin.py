@@ -6,7 +6,9 @@ momentum or Adam it is a heuristic.
 
 from __future__ import annotations
 
-from estimators._streaming import align, gradient_source, target_dots
+import numpy as np
+
+from estimators._streaming import align, gradient_source, pairwise_dots, target_dots
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
 
 
@@ -34,3 +36,14 @@ class TracIn(Estimator):
             score += ckpt.lr * align(ids, c_ids, dot)
             suspicion += ckpt.lr * align(ids, c_ids, self_ip)
         return Attribution(sample_ids=ids, score=score, suspicion=suspicion)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``sum_c lr_c G_train(c) G_t(c)^T``: (train ids, target ids, (n, m))."""
+        source = gradient_source(ctx, self.needs)
+        first, *rest = ctx.checkpoints
+        ids, target_ids, matrix = pairwise_dots(source, first.index)
+        matrix = first.lr * matrix
+        for ckpt in rest:
+            c_ids, _, m = pairwise_dots(source, ckpt.index)
+            matrix += ckpt.lr * align(ids, c_ids, m)
+        return ids, target_ids, matrix

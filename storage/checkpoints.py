@@ -23,6 +23,8 @@ INDEX_SCHEMA = pa.schema(
         ("lr", pa.float64()),
         ("path", pa.string()),
         ("sha256", pa.string()),
+        ("step_lr", pa.float64()),
+        ("model", pa.int64()),
     ]
 )
 _WRAPPER_KEYS = ("state_dict", "model_state_dict")
@@ -30,7 +32,12 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict")
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """One row of the checkpoint index; ``path`` is absolute when read back."""
+    """One row of the checkpoint index; ``path`` is absolute when read back.
+
+    ``lr``: the mean learning rate over the interval the checkpoint closes; ``step_lr``: the
+    learning rate of its last step (None when unknown); ``model``: 0 for the attributed model,
+    1.. for independently trained ensemble members (same recipe, other seeds).
+    """
 
     checkpoint: int
     step: int
@@ -38,6 +45,8 @@ class CheckpointRecord:
     lr: float
     path: str
     sha256: str
+    step_lr: float | None = None
+    model: int = 0
 
 
 def _first_line(e: BaseException) -> str:
@@ -82,6 +91,8 @@ def write_checkpoint_index(directory: Path, records: list[CheckpointRecord]) -> 
             "lr": [float(r.lr) for r in records],
             "path": paths,
             "sha256": [r.sha256 for r in records],
+            "step_lr": [None if r.step_lr is None else float(r.step_lr) for r in records],
+            "model": [int(r.model) for r in records],
         },
         schema=INDEX_SCHEMA,
     )
@@ -107,10 +118,12 @@ def read_checkpoint_index(directory: Path) -> list[CheckpointRecord]:
             lr=row["lr"],
             path=str(directory / row["path"]),  # an absolute stored path stays as it is
             sha256=row["sha256"],
+            step_lr=row["step_lr"],
+            model=row["model"],
         )
         for row in table.to_pylist()
     ]
-    return sorted(records, key=lambda r: r.checkpoint)
+    return sorted(records, key=lambda r: (r.model, r.checkpoint))
 
 
 def _is_state_dict(obj: object) -> bool:

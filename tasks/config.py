@@ -66,6 +66,7 @@ class CheckpointFile(Section):
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     checkpoints: int | list[CheckpointFile] = Field(5)
+    models: int = Field(1, ge=1, description="independently trained models (ensembles)")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
@@ -74,6 +75,12 @@ class TrainConfig(Section):
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     step_epochs: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _ensembles_need_training(self) -> TrainConfig:
+        if isinstance(self.checkpoints, list) and self.models > 1:
+            raise ValueError("train.models > 1 needs training; it can't use given checkpoints")
+        return self
 
     @field_validator("checkpoints")
     @classmethod
@@ -121,7 +128,10 @@ class EstimatorSpec(BaseModel):
 
 class TargetsConfig(Section):
     split: Literal["val", "test"] = "val"
-    pairwise: Literal[False] = Field(False, description="train x test attributions: not yet")
+    pairwise: bool = Field(False, description="also write train x test attributions")
+    test_samples: int | None = Field(
+        None, ge=1, description="pairwise: a seeded subset of this many test samples (None: all)"
+    )
 
 
 class PruneConfig(Section):

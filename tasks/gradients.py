@@ -50,11 +50,20 @@ def device() -> torch.device:
 def needed_checkpoints(config: Config, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
     """Checkpoints whose gradients some configured estimator reads (none, the final, or all)."""
     needs = [make_estimator(e.name, **e.options).needs for e in config.estimators]
+    primary = [r for r in records if r.model == 0]
     if any(n.gradients and n.checkpoints == "all" for n in needs):
-        return records
+        return primary
     if any(n.gradients for n in needs):
-        return records[-1:]
+        return primary[-1:]
     return []
+
+
+def needed_splits(config: Config) -> list[str]:
+    """Train, the summed target's split, and the test split when pairwise scores are asked."""
+    splits = ["train", config.targets.split]
+    if config.targets.pairwise and "test" not in splits:
+        splits.append("test")
+    return splits
 
 
 def shard_jobs(config: Config, records: list[CheckpointRecord], split_sizes: dict[str, int]):
@@ -62,7 +71,7 @@ def shard_jobs(config: Config, records: list[CheckpointRecord], split_sizes: dic
     return [
         ShardJob(record, split, part, start, min(start + size, split_sizes[split]))
         for record in needed_checkpoints(config, records)
-        for split in ("train", config.targets.split)
+        for split in needed_splits(config)
         for part, start in enumerate(range(0, split_sizes[split], size))
     ]
 

@@ -16,7 +16,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from estimators.base import Attribution, Checkpoint, ScoringContext
+from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
 from estimators.registry import make_estimator
 from storage.atomic import write_parquet_atomic
@@ -41,11 +41,17 @@ def target_name(config: Config) -> str:
 
 
 class StoredGradients:
-    """The ``GradientSource`` over a run's gradient shards, read shard by shard."""
+    """The ``GradientSource`` over a run's gradient shards, read shard by shard.
 
-    def __init__(self, run: RunPaths, target_split: str) -> None:
+    The target is the ``target_split`` rows, restricted to ``target_ids`` when given.
+    """
+
+    def __init__(
+        self, run: RunPaths, target_split: str, target_ids: np.ndarray | None = None
+    ) -> None:
         self.run = run
         self.target_split = target_split
+        self.target_ids = target_ids
 
     def _shards(self, checkpoint: int, split: str) -> list[Path]:
         shards = complete_shards(self.run.gradients_dir(checkpoint, split))
@@ -57,47 +63,86 @@ class StoredGradients:
         for path in self._shards(checkpoint, "train"):
             yield read_gradient_shard(path)
 
+    def _target_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for path in self._shards(checkpoint, self.target_split):
+            ids, grads = read_gradient_shard(path)
+            if self.target_ids is not None:
+                keep = np.isin(ids, self.target_ids)
+                ids, grads = ids[keep], grads[torch.from_numpy(keep)]
+            yield ids, grads
+
     def target(self, checkpoint: int) -> torch.Tensor:
         total = None
-        for path in self._shards(checkpoint, self.target_split):
-            part = read_gradient_shard(path)[1].to(torch.float64).sum(0)
+        for _, grads in self._target_shards(checkpoint):
+            part = grads.to(torch.float64).sum(0)
             total = part if total is None else total + part
         return total
 
+    def target_rows(self, checkpoint: int) -> tuple[np.ndarray, torch.Tensor]:
+        parts = list(self._target_shards(checkpoint))
+        return np.concatenate([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-def scoring_context(run: RunPaths, config: Config, records: list[CheckpointRecord]):
+
+def pairwise_targets(config: Config, test_ids: np.ndarray) -> np.ndarray:
+    """The test sample ids attributed one by one: all, or a seeded subset (sorted)."""
+    n = config.targets.test_samples
+    if n is None or n >= len(test_ids):
+        return np.sort(test_ids)
+    return np.sort(np.random.default_rng([config.seed, 7]).choice(test_ids, n, replace=False))
+
+
+def _checkpoint(r: CheckpointRecord) -> Checkpoint:
+    return Checkpoint(r.checkpoint, r.step, r.lr,
+                      load=lambda: load_state_dict(r.path, r.sha256), step_lr=r.step_lr)
+
+
+def scoring_context(
+    run: RunPaths, config: Config, records: list[CheckpointRecord], pairwise: bool = False
+) -> ScoringContext:
+    """What estimators read. ``pairwise``: the targets are single test samples instead of the
+    summed ``targets.split`` loss."""
     work = load_workload(run, config)
-    train, target = work.rows("train"), work.rows(config.targets.split)
-    checkpoints = [
-        Checkpoint(r.checkpoint, r.step, r.lr,
-                   load=lambda r=r: load_state_dict(r.path, r.sha256))
-        for r in records
-    ]
+    train = work.rows("train")
+    if pairwise:
+        test = work.rows("test")
+        ids = pairwise_targets(config, work.samples.sample_id[test])
+        target = test[np.isin(work.samples.sample_id[test], ids)]
+        gradients = StoredGradients(run, "test", ids)
+    else:
+        target = work.rows(config.targets.split)
+        gradients = StoredGradients(run, config.targets.split)
+    members = sorted({r.model for r in records} - {0})
     return ScoringContext(
         model_factory=work.factory,
-        checkpoints=checkpoints,
+        checkpoints=[_checkpoint(r) for r in records if r.model == 0],
         train_ids=work.samples.sample_id[train],
         train_x=work.x[train],
         train_y=work.y[train],
-        target_x=work.x[work.rows(config.targets.split)],
+        target_x=work.x[target],
         target_y=work.y[target],
-        gradients=StoredGradients(run, config.targets.split),
+        gradients=gradients,
         weight_decay=config.train.weight_decay,
         seed=config.seed,
+        target_ids=work.samples.sample_id[target],
+        batch_size=config.train.batch_size,
+        extra_models=[[_checkpoint(r) for r in records if r.model == m] for m in members],
     )
+
+
+def supports_pairwise(estimator: Estimator) -> bool:
+    return type(estimator).pairwise is not Estimator.pairwise
 
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_one(
     run: RunPaths, config: Config, records: list[CheckpointRecord], name: str
 ) -> tuple[Attribution, float]:
-    """Run estimator ``name``, write its scores Parquet; returns (attribution, seconds)."""
+    """Run estimator ``name`` and write its scores (and, when asked and supported, its
+    train x test attributions); returns (attribution, seconds for the summed target)."""
     torch.set_num_threads(1)
-    spec = config.estimator(name)
+    estimator = make_estimator(name, **config.estimator(name).options)
     started = time.perf_counter()
-    attribution = make_estimator(name, **spec.options).score(
-        scoring_context(run, config, records)
-    )
+    attribution = estimator.score(scoring_context(run, config, records))
     seconds = time.perf_counter() - started
     suspicion = attribution.suspicion
     table = pa.table(
@@ -110,7 +155,30 @@ def score_one(
         schema=SCORE_SCHEMA,
     )
     write_parquet_atomic(table, run.scores_dir(name, target_name(config)) / "part-0.parquet")
+    if config.targets.pairwise and supports_pairwise(estimator):
+        train_ids, test_ids, matrix = estimator.pairwise(
+            scoring_context(run, config, records, pairwise=True)
+        )
+        write_attributions(run.attributions_dir(name), train_ids, test_ids, matrix)
     return attribution, seconds
+
+
+def write_attributions(
+    directory: Path, train_ids: np.ndarray, test_ids: np.ndarray, matrix: np.ndarray,
+    block: int = 256,
+) -> None:
+    """Write a (n_train, n_test) score matrix as (train_id, test_id, score) rows, one Parquet
+    part per block of test samples."""
+    for part, start in enumerate(range(0, len(test_ids), block)):
+        cols = matrix[:, start : start + block]
+        m = cols.shape[1]
+        table = pa.table({
+            "train_id": pa.array(np.repeat(train_ids, m), pa.int64()),
+            "test_id": pa.array(np.tile(test_ids[start : start + block], len(train_ids)),
+                                pa.int64()),
+            "score": pa.array(cols.reshape(-1).astype(np.float64), pa.float64()),
+        })
+        write_parquet_atomic(table, directory / f"part-{part}.parquet")
 
 
 @task(name="scores", cache_policy=NO_CACHE)

@@ -100,10 +100,12 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
             records = _register_user_checkpoints(config, work)
             log.info("train: attributing %d given checkpoints, no training", len(records))
         else:
-            records = _train_and_capture(run, config, work, rec, log)
+            records = [r for member in range(config.train.models)
+                       for r in _train_and_capture(run, config, work, rec, log, member)]
         write_checkpoint_index(run.checkpoints_dir, records)
+        last = [r for r in records if r.model == 0][-1]
         final = work.factory()
-        final.load_state_dict(load_state_dict(records[-1].path, records[-1].sha256))
+        final.load_state_dict(load_state_dict(last.path, last.sha256))
         for split in ("train", "val", "test"):
             idx = work.rows(split)
             labels = work.test_labels() if split == "test" else work.y
@@ -111,29 +113,39 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
     return records
 
 
-def _train_and_capture(run, config, work: Workload, rec, log) -> list[CheckpointRecord]:
+def member_seed(seed: int, member: int) -> int:
+    """The training seed of ensemble member ``member`` (0 is the attributed model)."""
+    return seed + 1000 * member
+
+
+def _train_and_capture(run, config, work: Workload, rec, log, member: int):
+    """Train one model (``member`` 0 is the attributed one, 1.. independent ensemble members)
+    and save its checkpoints (members > 0 under ``checkpoints/model=<m>/``)."""
     idx = work.rows("train")
-    torch.manual_seed(config.seed)
+    seed = member_seed(config.seed, member)
+    directory = run.checkpoints_dir / (f"model={member}" if member else "")
+    torch.manual_seed(seed)
     model = work.factory()
     records: list[CheckpointRecord] = []
     started = time.perf_counter()
 
     def capture(event: CheckpointEvent) -> None:
-        path, sha = save_checkpoint(run.checkpoints_dir, event.step, event.state_dict)
+        path, sha = save_checkpoint(directory, event.step, event.state_dict)
         records.append(CheckpointRecord(event.index, event.step, event.epoch, event.lr,
-                                        str(path), sha))
+                                        str(path), sha, event.step_lr, member))
 
     def progress(epoch: int, loss: float) -> None:
         if epoch == 1 or epoch % 5 == 0 or epoch == work.recipe.epochs:
             rate = epoch * len(idx) / (time.perf_counter() - started)
-            log.info("train: epoch %d/%d, loss %.4f, %.0f samples/s", epoch,
-                     work.recipe.epochs, loss, rate)
+            log.info("train: model %d/%d, epoch %d/%d, loss %.4f, %.0f samples/s", member + 1,
+                     config.train.models, epoch, work.recipe.epochs, loss, rate)
 
-    losses = train(model, work.x[idx], work.y[idx], work.recipe, config.seed,
+    losses = train(model, work.x[idx], work.y[idx], work.recipe, seed,
                    checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress)
-    for step, loss in enumerate(losses):
-        rec.mlflow.metric("loss", loss, step)
-    rec.metric("final_loss", float(np.mean(losses[-10:])))
+    if member == 0:
+        for step, loss in enumerate(losses):
+            rec.mlflow.metric("loss", loss, step)
+    rec.metric("final_loss", float(np.mean(losses[-10:])), seed=seed)
     return records
 
 

@@ -38,13 +38,15 @@ class Recipe:
 
 @dataclass(frozen=True)
 class CheckpointEvent:
-    """Emitted after ``epoch`` (1-based) ends; ``lr`` is the mean lr since the previous one."""
+    """Emitted after ``epoch`` (1-based) ends; ``lr`` is the mean lr since the previous one,
+    ``step_lr`` the lr of the last step."""
 
     index: int
     step: int
     epoch: float
     lr: float
     state_dict: dict[str, torch.Tensor]
+    step_lr: float
 
 
 def checkpoint_epochs(epochs: int, count: int) -> list[int]:
@@ -102,7 +104,7 @@ def train(
         if epoch in save_at and on_checkpoint is not None:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             on_checkpoint(CheckpointEvent(saved, step, float(epoch), float(np.mean(lrs_since)),
-                                          state))
+                                          state, lrs_since[-1]))
             saved += 1
             lrs_since = []
     model.eval()

@@ -93,6 +93,8 @@ def test_index_round_trip_relative_inside_absolute_outside(tmp_path: Path) -> No
             ("lr", pa.float64()),
             ("path", pa.string()),
             ("sha256", pa.string()),
+            ("step_lr", pa.float64()),
+            ("model", pa.int64()),
         ]
     )
     assert table.column("path").to_pylist() == [str(outside), "step-0.pt", "step-100.pt"]
