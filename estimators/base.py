@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from estimators.targets import SummedLoss, Target
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -81,6 +83,8 @@ class ScoringContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     target_ids: np.ndarray | None = None
     batch_size: int = 32
+    target: Target = field(default_factory=SummedLoss)
+    """The cost scored against (default: the summed loss of the target rows)."""
     extra_models: list[list[Checkpoint]] = field(default_factory=list)
     """Checkpoints of independently trained models (same recipe, other seeds), for ensembles;
     each list is in training order, its last entry that model's final state."""

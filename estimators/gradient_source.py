@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import Checkpoint, ScoringContext
 from estimators.per_sample import per_sample_gradients
+from estimators.targets import SummedLoss
 
 
 class InMemoryGradients:
@@ -149,17 +149,9 @@ def summed_loss_gradient(
 ) -> torch.Tensor:
     """Gradient of ``sum_i cross_entropy(model(x_i), y_i)``: (d,), float64, in parameter order.
 
-    Computed in chunks of ``chunk_size`` rows; the model is used as given (call ``eval()`` first).
+    The model is used as given (call ``eval()`` first).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        loss = F.cross_entropy(
-            model(x[start : start + chunk_size]), y[start : start + chunk_size], reduction="sum"
-        )
-        grads = torch.autograd.grad(loss, params)
-        total += torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
-    return total
+    return SummedLoss().gradient(model, x, y, chunk_size=chunk_size)
 
 
 def _as_mapping(
