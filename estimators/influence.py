@@ -132,7 +132,7 @@ class ExactInfluence(Estimator):
     """
 
     name = "if_exact"
-    needs = Needs(checkpoints="final", gradients=True, model=True)
+    needs = Needs(checkpoints="final", gradients=True, model=True, full_gradients=True)
 
     def __init__(
         self, curvature: Curvature = "ggn", damping: float = 0.01, max_params: int = 6000

@@ -9,11 +9,26 @@ from estimators.base import Estimator
 from estimators.baselines import RandomScores, SelfLoss
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
+from estimators.iterative_influence import (
+    ArnoldiInfluence,
+    ConjugateGradientInfluence,
+    LissaInfluence,
+)
 from estimators.tracin import TracIn
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
-    for cls in (RandomScores, SelfLoss, InnerProduct, CosineInnerProduct, TracIn, ExactInfluence)
+    for cls in (
+        RandomScores,
+        SelfLoss,
+        InnerProduct,
+        CosineInnerProduct,
+        TracIn,
+        ExactInfluence,
+        ConjugateGradientInfluence,
+        LissaInfluence,
+        ArnoldiInfluence,
+    )
 }
 
 

@@ -17,6 +17,7 @@ from tasks.plots import accuracy_comparison
 from tasks.prune import Removal
 from tasks.stage import stage
 from tasks.workload import load_workload
+from workloads.models import seeded_model
 from workloads.training import accuracy, train
 
 
@@ -27,8 +28,7 @@ def retrain_one(run: RunPaths, config: Config, removal: Removal) -> float:
     work = load_workload(run, config)
     train_rows = work.rows("train")
     keep = train_rows[~np.isin(work.samples.sample_id[train_rows], removal.removed)]
-    torch.manual_seed(removal.seed)
-    model = work.factory()
+    model = seeded_model(work.factory, removal.seed)
     train(model, work.x[keep], work.y[keep], work.recipe, removal.seed)
     test = work.rows("test")
     return accuracy(model, work.x[test], work.test_labels()[test])

@@ -25,6 +25,7 @@ from tasks.config import Config
 from tasks.stage import stage
 from tasks.workload import Workload, factory_for, load_workload
 from workloads.datasets import Samples, load_digits, load_parquet, samples_table
+from workloads.models import seeded_model
 from workloads.noise import flip_labels
 from workloads.training import CheckpointEvent, accuracy, train
 
@@ -124,8 +125,7 @@ def _train_and_capture(run, config, work: Workload, rec, log, member: int):
     idx = work.rows("train")
     seed = member_seed(config.seed, member)
     directory = run.checkpoints_dir / (f"model={member}" if member else "")
-    torch.manual_seed(seed)
-    model = work.factory()
+    model = seeded_model(work.factory, seed)
     records: list[CheckpointRecord] = []
     started = time.perf_counter()
 

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from storage.errors import BadInput
 
 ModelFactory = Callable[[], nn.Module]
+
+_INIT_LOCK = threading.Lock()
+
+
+def seeded_model(factory: ModelFactory, seed: int) -> nn.Module:
+    """A fresh model whose initialization is fixed by ``seed``.
+
+    Seeding and construction hold a lock: torch's global generator is shared by threads, so
+    concurrent retrains on a thread pool would otherwise interleave their draws.
+    """
+    with _INIT_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return factory()
 
 
 def logistic_regression(input_dim: int, num_classes: int) -> nn.Module:

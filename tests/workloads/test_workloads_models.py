@@ -137,3 +137,20 @@ def test_malformed_spec(spec: str) -> None:
     with pytest.raises(BadInput, match="package.module:function") as info:
         model_factory(None, spec, **DIGITS)
     assert repr(spec) in str(info.value)
+
+
+def test_seeded_model_is_the_same_under_concurrent_construction():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workloads.models import mlp, seeded_model
+
+    def build(seed: int):
+        return torch.cat([p.detach().reshape(-1) for p in
+                          seeded_model(lambda: mlp(64, 10, 256), seed).parameters()])
+
+    alone = [build(seed) for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(build, [s for _ in range(5) for s in range(8)]))
+    for i, params in enumerate(together):
+        assert torch.equal(params, alone[i % 8])
+    assert not torch.equal(alone[0], alone[1])

@@ -1,0 +1,230 @@
+"""Matrix-free curvature products of the mean cross-entropy (spec sections 4, 11.4).
+
+Every function works on flat parameter vectors (d,) in ``parameter_order(model)`` and on a model
+that maps rows (n, ...) to logits (n, C); put the model in eval mode first (dropout off,
+BatchNorm on running statistics). The model itself is never modified: parameters are swapped in
+with ``torch.func.functional_call`` and its buffers (and frozen parameters) are kept.
+
+Dtype: products are computed in the dtype of the vector they are given (``v`` or ``params``);
+the model's parameters, floating buffers and floating inputs are cast to it, so a float32 model
+can be probed in float64.
+
+Cost (n rows, d parameters): ``flat_gradient`` one forward + backward pass; ``hvp`` and
+``ggn_vp`` about two passes each; ``finite_difference_hvp`` two (central) or two (forward, one of
+them at theta) gradient evaluations. Memory is that of one pass over the n rows, so callers chunk
+large row sets themselves.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from estimators.per_sample import flat_parameters, parameter_order
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def _quiet_forward_ad() -> Iterator[None]:
+    """torch's forward-mode AD loads TorchScript decompositions on first use and warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script`", DeprecationWarning)
+        yield
+
+
+def _logits_fn(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map a flat parameter vector (d,) to the logits (n, C) of ``model`` on ``x``."""
+    names = parameter_order(model)
+    trainable = dict(model.named_parameters())
+    shapes = [trainable[name].shape for name in names]
+    sizes = [trainable[name].numel() for name in names]
+    chosen = set(names)
+    fixed = {name: t.detach() for name, t in model.named_buffers()}
+    fixed.update({name: p.detach() for name, p in trainable.items() if name not in chosen})
+
+    def logits(flat: torch.Tensor) -> torch.Tensor:
+        if flat.shape != (sum(sizes),):
+            raise ValueError(f"flat parameters must have shape ({sum(sizes)},), got {flat.shape}")
+        pieces = torch.split(flat, sizes)
+        params = {name: t.view(s) for name, t, s in zip(names, pieces, shapes, strict=True)}
+        extra = {
+            name: t.to(flat.dtype) if t.is_floating_point() else t for name, t in fixed.items()
+        }
+        rows = x.to(flat.dtype) if x.is_floating_point() else x
+        return functional_call(model, (params, extra), (rows,))
+
+    return logits
+
+
+def flat_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function mapping flat parameters (d,) to the mean cross-entropy on (x, y): a 0-d tensor.
+
+    Parameters follow ``parameter_order(model)``; the model's buffers are kept. No weight-decay
+    term. Differentiable with ``torch.func`` (grad, jvp, vmap) and autograd.
+    """
+    logits = _logits_fn(model, x)
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits(flat), y)
+
+    return loss
+
+
+def flat_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient (d,) of the mean cross-entropy on (x, y) at ``params`` (default: the model's
+    current flat parameters, in their dtype). No weight-decay term. One forward + backward."""
+    theta = flat_parameters(model) if params is None else params.detach()
+    return grad(flat_loss(model, x, y))(theta).detach()
+
+
+def hvp(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
+) -> torch.Tensor:
+    """Exact Hessian-vector product ``(H + weight_decay * I) v``: (d,), in v's dtype.
+
+    H is the Hessian of the mean cross-entropy on (x, y) at the model's parameters, so this is the
+    curvature of ``mean CE + (weight_decay/2) ||theta||^2``. Forward-over-reverse
+    (``jvp`` of ``grad``); may be indefinite for non-convex models. Cost about two passes.
+    """
+    theta = flat_parameters(model).to(v.dtype)
+    with _quiet_forward_ad():
+        _, product = jvp(grad(flat_loss(model, x, y)), (theta,), (v,))
+    return product + weight_decay * v
+
+
+def ggn_vp(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
+) -> torch.Tensor:
+    """Gauss-Newton-vector product ``(G + weight_decay * I) v``: (d,), in v's dtype.
+
+    ``G = (1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i`` with J_i (C, d) the logit Jacobian of
+    row i and p_i its softmax; PSD. ``J v`` by ``jvp``, ``J^T u`` by ``vjp``. Cost about two
+    passes (one forward-mode, one reverse-mode).
+    """
+    theta = flat_parameters(model).to(v.dtype)
+    logits = _logits_fn(model, x)
+    with _quiet_forward_ad():
+        z, jv = jvp(logits, (theta,), (v,))
+    prob = torch.softmax(z.detach(), dim=-1)
+    h_out = prob * jv - prob * (prob * jv).sum(dim=-1, keepdim=True)
+    _, pullback = vjp(logits, theta)
+    (product,) = pullback(h_out / z.shape[0])
+    return product + weight_decay * v
+
+
+def finite_difference_hvp(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-3,
+    central: bool = True,
+) -> torch.Tensor:
+    """Finite-difference check of ``hvp`` (weight decay 0): (d,), in v's dtype.
+
+    With u = v / ||v||: central ``(g(theta + eps u) - g(theta - eps u)) ||v|| / (2 eps)``, forward
+    ``(g(theta + eps u) - g(theta)) ||v|| / eps``; g the mean cross-entropy gradient. Truncation
+    error O(eps^2) (central) or O(eps) (forward); use float64. Cost two gradient evaluations.
+    """
+    norm = torch.linalg.vector_norm(v)
+    if norm == 0:
+        return torch.zeros_like(v)
+    step = eps * v / norm
+    theta = flat_parameters(model).to(v.dtype)
+    plus = flat_gradient(model, x, y, theta + step)
+    if central:
+        minus = flat_gradient(model, x, y, theta - step)
+        return (plus - minus) * norm / (2 * eps)
+    return (plus - flat_gradient(model, x, y, theta)) * norm / eps
+
+
+def power_iteration(
+    matvec: MatVec,
+    d: int,
+    iters: int = 20,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> float:
+    """Estimate the largest eigenvalue of a symmetric operator ``matvec`` ((d,) -> (d,)).
+
+    Starts from a seeded random unit vector (generated on the CPU, then moved to ``device``),
+    iterates ``v <- A v / ||A v||`` and returns the Rayleigh quotient ``v^T A v`` of the last
+    iterate. For a PSD operator this is a lower bound on lambda_max that converges like
+    (lambda_2/lambda_1)^iters; for an indefinite one it tracks the eigenvalue of largest
+    magnitude. Cost ``iters + 1`` products.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, generator=gen, dtype=dtype).to(device)
+    v = v / torch.linalg.vector_norm(v)
+    for _ in range(iters):
+        w = matvec(v)
+        norm = torch.linalg.vector_norm(w)
+        if not torch.isfinite(norm):
+            raise ValueError("power iteration produced a non-finite vector")
+        if norm == 0:
+            return 0.0
+        v = w / norm
+    return float(v @ matvec(v))
+
+
+def curvature_operator(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kind: str = "ggn",
+    shift: float = 0.0,
+    chunk_size: int = 2048,
+    column_block: int = 32,
+) -> MatVec:
+    """The operator ``v -> (C + shift * I) v`` over all rows of (x, y), for v (d,) or (d, m).
+
+    C is the GGN (``kind="ggn"``, PSD) or the exact Hessian (``kind="hessian"``) of the mean
+    cross-entropy over the rows, accumulated over row chunks of ``chunk_size`` (weighted by their
+    size, so the result does not depend on the chunking). A matrix is multiplied column by
+    column under ``torch.func.vmap``, ``column_block`` columns at a time. Output in v's dtype and
+    shape. Cost per column about two passes over the rows.
+    """
+    if kind not in ("ggn", "hessian"):
+        raise ValueError(f"unknown curvature {kind!r}; expected 'ggn' or 'hessian'")
+    if chunk_size < 1 or column_block < 1:
+        raise ValueError("chunk_size and column_block must be >= 1")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("curvature_operator needs at least one row")
+    product = ggn_vp if kind == "ggn" else hvp
+    chunks = [(x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, n, chunk_size)]
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        total = shift * v
+        for rows, labels in chunks:
+            total = total + product(model, rows, labels, v) * (rows.shape[0] / n)
+        return total
+
+    batched = vmap(one, in_dims=1, out_dims=1)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if v.ndim == 1:
+            return one(v)
+        if v.ndim != 2:
+            raise ValueError(f"expected a vector (d,) or a matrix (d, m), got {tuple(v.shape)}")
+        with _quiet_forward_ad():
+            blocks = [
+                batched(v[:, s : s + column_block]) for s in range(0, v.shape[1], column_block)
+            ]
+        return torch.cat(blocks, dim=1) if blocks else v.clone()
+
+    return apply

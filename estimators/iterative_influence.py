@@ -1,0 +1,451 @@
+"""Influence functions with matrix-free curvature solves: CG, LiSSA and Arnoldi (spec section 4).
+
+All three approximate ``s = (C + (wd + damping) I)^{-1} g_V`` with C the GGN (default, PSD) or
+the exact Hessian of the mean training cross-entropy at theta_final, evaluated on the training
+set ``ctx.train_x/train_y`` (all rows, or a fixed seeded subset of ``hvp_batch`` rows) through
+Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. As for
+``ExactInfluence``: ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss
+U (positive = beneficial, units of target loss times n). ``wd`` is ``ctx.weight_decay`` (lam in
+``mean loss + (lam/2)||theta||^2``); ``damping`` is the extra lambda of spec section 13.
+
+Work is in float64 (stored gradients are cast; the model is probed with float64 vectors).
+``pairwise`` runs the same solve with every target row's gradient as a right-hand side and
+returns (train ids (n,), target ids (m,), scores (n, m) float64).
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from estimators._streaming import gradient_source, stream
+from estimators.base import Attribution, Estimator, GradientSource, Needs, ScoringContext
+from estimators.hvp import MatVec, curvature_operator, power_iteration
+from estimators.influence import CURVATURES, Curvature
+from estimators.per_sample import parameter_count, per_sample_gradients
+
+_SUBSET_STREAM = 0x48
+"""Salt of the seed that picks the ``hvp_batch`` rows (``SeedSequence([ctx.seed, salt])``)."""
+
+
+@dataclass
+class _Problem:
+    """The damped curvature operator ``A = C + shift * I`` of one scoring call."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    d: int
+    shift: float
+    operator: MatVec
+
+
+def conjugate_gradient(
+    matmat: MatVec, rhs: torch.Tensor, rtol: float = 1e-6, maxiter: int = 200
+) -> tuple[torch.Tensor, int, float]:
+    """Solve ``A X = rhs`` for SPD A by conjugate gradients, every column at once.
+
+    ``rhs`` (d, m); ``matmat`` maps (d, k) to (d, k) for any subset of k columns. Column j stops
+    when ``||r_j|| <= rtol * ||rhs_j||`` (warm start 0). Returns (X (d, m), iterations, largest
+    relative residual). Raises ValueError when A shows non-positive curvature (p^T A p <= 0).
+    Cost: at most ``maxiter`` products with the still-active columns.
+    """
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rs = (residual * residual).sum(dim=0)
+    rhs_norm = torch.linalg.vector_norm(rhs, dim=0)
+    tol = rtol * rhs_norm
+    active = rs.sqrt() > tol
+    iterations = 0
+    while bool(active.any()) and iterations < maxiter:
+        iterations += 1
+        p = direction[:, active]
+        ap = matmat(p)
+        curvature = (p * ap).sum(dim=0)
+        if bool((curvature <= 0).any()):
+            raise ValueError(
+                "conjugate gradient met non-positive curvature p^T A p <= 0: the damped "
+                "curvature is not positive definite; increase damping or use curvature='ggn'"
+            )
+        alpha = rs[active] / curvature
+        solution[:, active] += alpha * p
+        residual[:, active] -= alpha * ap
+        rs_new = (residual[:, active] ** 2).sum(dim=0)
+        direction[:, active] = residual[:, active] + (rs_new / rs[active]) * p
+        rs[active] = rs_new
+        active = rs.sqrt() > tol
+    relative = rs.sqrt() / torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+    worst = float(relative.max()) if relative.numel() else 0.0
+    return solution, iterations, worst
+
+
+def lissa(
+    minibatch_operator: Callable[[torch.Tensor], MatVec],
+    rhs: torch.Tensor,
+    n_rows: int,
+    scale: float,
+    depth: int,
+    batch: int,
+    seed: int,
+) -> torch.Tensor:
+    """One LiSSA run: ``h_j = v + h_{j-1} - A_{B_j} h_{j-1} / scale``, output ``h_depth / scale``.
+
+    ``rhs`` v is (d,) or (d, m) (columns iterate independently, with the same minibatches).
+    ``minibatch_operator(rows)`` returns the damped operator A_B on the rows indexed by ``rows``;
+    the minibatches B_j of ``batch`` rows are drawn without replacement, epoch by epoch, from
+    ``n_rows`` rows with a ``torch.Generator`` seeded by ``seed``. Converges to ``A^{-1} v`` when
+    A is PSD and ``scale > lambda_max(A_B)``. Raises ValueError on divergence: a non-finite
+    iterate or a column norm above ``10 (j + 1) ||v||`` (a convergent run stays below
+    ``(j + 1) ||v||``). Cost ``depth`` products on ``batch`` rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    size = min(batch, n_rows)
+    limit = 10 * torch.linalg.vector_norm(rhs, dim=0)
+    h = rhs.clone()
+    order = torch.randperm(n_rows, generator=gen)
+    cursor = 0
+    for step in range(1, depth + 1):
+        if cursor + size > n_rows:
+            order, cursor = torch.randperm(n_rows, generator=gen), 0
+        rows = order[cursor : cursor + size]
+        cursor += size
+        h = rhs + h - minibatch_operator(rows)(h) / scale
+        norm = torch.linalg.vector_norm(h, dim=0)
+        if not bool(torch.isfinite(norm).all()) or bool((norm > step * limit).any()):
+            raise ValueError(
+                f"LiSSA diverged at step {step} of {depth} (||h|| = {float(norm.max()):.3e}, "
+                f"scale = {scale:.3e}): scale must exceed lambda_max of the damped minibatch "
+                "curvature; pass a larger scale, a larger batch, more damping or "
+                "curvature='ggn'"
+            )
+    return h / scale
+
+
+def arnoldi_eigenpairs(
+    matvec: MatVec,
+    d: int,
+    n_iter: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    breakdown_tol: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric operator from ``n_iter`` steps of Arnoldi (Schioppa et al. 2021).
+
+    Starts from a seeded random unit vector; every new Krylov vector is orthogonalized twice
+    against all previous ones (full re-orthogonalization). On breakdown (residual below
+    ``breakdown_tol`` times the largest ``||A q||`` seen) it restarts from a fresh random vector
+    orthogonal to the basis, so ``n_iter = d`` always spans the whole space. The Hessenberg
+    matrix Q^T A Q (n_iter, n_iter) is symmetrized and diagonalized. Returns (eigenvalues (k,),
+    descending; eigenvectors U (d, k), orthonormal columns), k = n_iter. Cost ``n_iter``
+    products, O(d n_iter^2) time and O(d n_iter) memory.
+    """
+    if not 1 <= n_iter <= d:
+        raise ValueError(f"n_iter must be in [1, d={d}], got {n_iter}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_unit(basis: torch.Tensor) -> torch.Tensor:
+        q = torch.randn(d, generator=gen, dtype=dtype).to(device)
+        for _ in range(2):
+            q = q - basis @ (basis.T @ q)
+        return q / torch.linalg.vector_norm(q)
+
+    basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
+    hessenberg = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
+    basis[:, 0] = random_unit(basis[:, :0])
+    largest = 0.0
+    for k in range(n_iter):
+        w = matvec(basis[:, k])
+        largest = max(largest, float(torch.linalg.vector_norm(w)))
+        known = basis[:, : k + 1]
+        for _ in range(2):
+            coefficients = known.T @ w
+            hessenberg[: k + 1, k] += coefficients
+            w = w - known @ coefficients
+        if k + 1 == n_iter:
+            break
+        norm = float(torch.linalg.vector_norm(w))
+        if norm <= breakdown_tol * largest:
+            basis[:, k + 1] = random_unit(known)
+        else:
+            hessenberg[k + 1, k] = norm
+            basis[:, k + 1] = w / norm
+    symmetric = (hessenberg + hessenberg.T) / 2
+    values, vectors = torch.linalg.eigh(symmetric)
+    order = torch.argsort(values, descending=True)
+    return values[order], basis @ vectors[:, order]
+
+
+def _target_rows(
+    ctx: ScoringContext, source: GradientSource, model: nn.Module
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-target-row gradients (ids (m,), (m, d) float64): the source's ``target_rows``, or
+    (a source without it) computed here from ``ctx.target_x/target_y``."""
+    reader = getattr(source, "target_rows", None)
+    if reader is not None:
+        ids, grads = reader(ctx.final.index)
+        return np.asarray(ids, dtype=np.int64), grads.to(torch.float64)
+    m = ctx.target_x.shape[0]
+    ids = ctx.target_ids if ctx.target_ids is not None else np.arange(m, dtype=np.int64)
+    grads = per_sample_gradients(model, ctx.target_x, ctx.target_y)
+    return np.asarray(ids, dtype=np.int64), grads.to(torch.float64)
+
+
+class _IterativeInfluence(Estimator):
+    """Shared machinery: options, the curvature operator, scoring and pairwise scoring."""
+
+    needs = Needs(checkpoints="final", gradients=True, model=True, full_gradients=True)
+
+    def __init__(self, curvature: Curvature, damping: float, hvp_batch: int | None) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if hvp_batch is not None and hvp_batch < 1:
+            raise ValueError(f"hvp_batch must be >= 1 or None, got {hvp_batch}")
+        self.curvature = curvature
+        self.damping = damping
+        self.hvp_batch = hvp_batch
+
+    def _problem(self, ctx: ScoringContext) -> _Problem:
+        model = ctx.model_at(ctx.final)
+        x, y = ctx.train_x.to(ctx.device), ctx.train_y.to(ctx.device)
+        n = x.shape[0]
+        if n == 0:
+            raise ValueError(f"{self.name} needs at least one training row")
+        if self.hvp_batch is not None and self.hvp_batch < n:
+            rng = np.random.default_rng([ctx.seed, _SUBSET_STREAM])
+            keep = torch.from_numpy(np.sort(rng.choice(n, self.hvp_batch, replace=False)))
+            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+        shift = ctx.weight_decay + self.damping
+        operator = curvature_operator(model, x, y, kind=self.curvature, shift=shift)
+        return _Problem(model, x, y, parameter_count(model), shift, operator)
+
+    @abstractmethod
+    def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        """A map from right-hand sides (d, m) to approximate ``A^{-1}`` times them (d, m)."""
+
+    def _check(self, g: torch.Tensor, d: int) -> None:
+        if g.shape[-1] != d:
+            raise ValueError(
+                f"target gradient has {g.shape[-1]} entries, the model has d={d} parameters "
+                "(projected gradients cannot be used here)"
+            )
+
+    def score(self, ctx: ScoringContext) -> Attribution:
+        """``score(z) = g_z . A^{-1} g_V`` for every train row: (n,) float64; no suspicion."""
+        problem = self._problem(ctx)
+        source = gradient_source(ctx, self.needs)
+        g_v = source.target(ctx.final.index).to(torch.float64).to(ctx.device)
+        self._check(g_v, problem.d)
+        s = self._solver(ctx, problem)(g_v.unsqueeze(1)).squeeze(1)
+        ids, (scores,) = stream(source, ctx.final.index, lambda g: (g.to(s.device) @ s,))
+        return Attribution(sample_ids=ids, score=scores, suspicion=None)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``scores[i, t] = g_i . A^{-1} g_t`` for train row i and target row t: (n, m) float64."""
+        problem = self._problem(ctx)
+        source = gradient_source(ctx, self.needs)
+        target_ids, rows = _target_rows(ctx, source, problem.model)
+        self._check(rows, problem.d)
+        solved = self._solver(ctx, problem)(rows.to(ctx.device).T)  # (d, m)
+        ids, (scores,) = stream(source, ctx.final.index, lambda g: (g.to(solved.device) @ solved,))
+        return ids, target_ids, scores
+
+
+class ConjugateGradientInfluence(_IterativeInfluence):
+    """Influence function solved by conjugate gradients on full-batch curvature products.
+
+    ``s = (C + (wd + damping) I)^{-1} g_V`` by CG (warm start 0) to relative residual ``rtol``
+    within ``maxiter`` iterations (a RuntimeWarning reports a miss); CG needs an SPD system, so
+    use the GGN or enough damping with the Hessian (non-positive curvature raises ValueError).
+    ``hvp_batch``: a fixed seeded subset of that many train rows for the products (None: all).
+    Score (n,) float64 as ``ExactInfluence``; suspicion None (it would need a solve per sample).
+    Cost: up to ``maxiter`` curvature products (about two passes over the rows each), memory O(d)
+    per right-hand side.
+    """
+
+    name = "if_cg"
+
+    def __init__(
+        self,
+        curvature: Curvature = "ggn",
+        damping: float = 0.01,
+        rtol: float = 1e-6,
+        maxiter: int = 200,
+        hvp_batch: int | None = None,
+    ) -> None:
+        super().__init__(curvature, damping, hvp_batch)
+        if rtol <= 0 or maxiter < 1:
+            raise ValueError(f"need rtol > 0 and maxiter >= 1, got {rtol}, {maxiter}")
+        self.rtol = rtol
+        self.maxiter = maxiter
+
+    def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        def solve(rhs: torch.Tensor) -> torch.Tensor:
+            solution, iterations, residual = conjugate_gradient(
+                problem.operator, rhs, self.rtol, self.maxiter
+            )
+            if residual > self.rtol:
+                warnings.warn(
+                    f"if_cg stopped after {iterations} iterations at relative residual "
+                    f"{residual:.2e} > rtol={self.rtol:.0e}; raise maxiter or damping",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return solution
+
+        return solve
+
+
+class LissaInfluence(_IterativeInfluence):
+    """Influence function solved by LiSSA (torch-influence form, spec section 4).
+
+    ``h_j = v + h_{j-1} - ((C_{B_j} + (wd + damping) I) h_{j-1}) / scale`` for j = 1..depth over
+    fresh minibatches B_j of ``batch`` train rows, output ``h_depth / scale`` averaged over
+    ``repeat`` runs (run r seeded by ``SeedSequence([ctx.seed, r])``). ``scale`` defaults to
+    1.5 times a ``power_iters``-step power-iteration estimate of lambda_max of the damped
+    full-batch curvature (seeded by ctx.seed). Divergence (non-finite or exploding ||h||)
+    raises ValueError. ``hvp_batch`` restricts the row pool (and the power iteration) to a fixed
+    seeded subset. The error shrinks like ``(1 - (wd + damping) / scale)^depth`` plus minibatch
+    noise. Score (n,) float64 as ``ExactInfluence``; suspicion None. Cost: ``repeat * depth``
+    products on ``batch`` rows plus ``power_iters + 1`` full-batch products.
+    """
+
+    name = "if_lissa"
+
+    def __init__(
+        self,
+        curvature: Curvature = "ggn",
+        damping: float = 0.01,
+        depth: int = 1000,
+        batch: int = 128,
+        repeat: int = 1,
+        scale: float | None = None,
+        power_iters: int = 20,
+        hvp_batch: int | None = None,
+    ) -> None:
+        super().__init__(curvature, damping, hvp_batch)
+        if depth < 1 or batch < 1 or repeat < 1 or power_iters < 1:
+            raise ValueError("depth, batch, repeat and power_iters must be >= 1")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.depth = depth
+        self.batch = batch
+        self.repeat = repeat
+        self.scale = scale
+        self.power_iters = power_iters
+
+    def _scale(self, ctx: ScoringContext, problem: _Problem) -> float:
+        if self.scale is not None:
+            return self.scale
+        top = power_iteration(
+            problem.operator, problem.d, self.power_iters, seed=ctx.seed, device=ctx.device
+        )
+        if not top > 0:
+            raise ValueError(
+                f"power iteration gave lambda_max = {top:.3e} <= 0 for the damped curvature; "
+                "LiSSA needs a positive definite system (use curvature='ggn' or more damping)"
+            )
+        return 1.5 * top
+
+    def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        scale = self._scale(ctx, problem)
+
+        def minibatch(rows: torch.Tensor) -> MatVec:
+            rows = rows.to(problem.x.device)
+            return curvature_operator(
+                problem.model,
+                problem.x[rows],
+                problem.y[rows],
+                kind=self.curvature,
+                shift=problem.shift,
+            )
+
+        def solve(rhs: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros_like(rhs)
+            for r in range(self.repeat):
+                seed = int(np.random.SeedSequence([ctx.seed, r]).generate_state(1)[0])
+                total += lissa(
+                    minibatch, rhs, problem.x.shape[0], scale, self.depth, self.batch, seed
+                )
+            return total / self.repeat
+
+        return solve
+
+
+class ArnoldiInfluence(_IterativeInfluence):
+    """Influence function on the top eigenspace of the curvature, found by Arnoldi.
+
+    ``n_iter`` curvature products (default min(d, 100)) from a seeded (ctx.seed) random unit
+    vector with full re-orthogonalization span a Krylov space of the undamped curvature C; the
+    top ``rank`` (default 50) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept and
+    ``score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + wd + damping)``. With
+    ``n_iter = rank = d`` this is the exact damped solve; otherwise the low-curvature directions
+    are dropped (they contribute 0, not 1/(wd + damping)). ``suspicion(z) = sum_i (g_z . u_i)^2 /
+    (lambda_i + wd + damping) >= 0`` in the same subspace. ``hvp_batch``: a fixed seeded subset
+    of train rows for the products. Outputs (n,) float64. Cost: ``n_iter`` products, then O(d k)
+    per gradient; memory O(d n_iter).
+    """
+
+    name = "if_arnoldi"
+
+    def __init__(
+        self,
+        curvature: Curvature = "ggn",
+        damping: float = 0.01,
+        n_iter: int | None = None,
+        rank: int = 50,
+        hvp_batch: int | None = None,
+    ) -> None:
+        super().__init__(curvature, damping, hvp_batch)
+        if n_iter is not None and n_iter < 1:
+            raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.n_iter = n_iter
+        self.rank = rank
+
+    def _eigenpairs(
+        self, ctx: ScoringContext, problem: _Problem
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature."""
+        n_iter = min(problem.d, 100 if self.n_iter is None else self.n_iter)
+
+        undamped = curvature_operator(problem.model, problem.x, problem.y, kind=self.curvature)
+        values, vectors = arnoldi_eigenpairs(
+            undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
+        )
+        keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
+        if keep.numel() == 0:
+            raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
+        return values[keep], vectors[:, keep]
+
+    def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        values, vectors = self._eigenpairs(ctx, problem)
+        inverse = 1.0 / (values + problem.shift)
+        return lambda rhs: vectors @ (inverse.unsqueeze(1) * (vectors.T @ rhs))
+
+    def score(self, ctx: ScoringContext) -> Attribution:
+        """Scores and the subspace self-influence: both (n,) float64."""
+        problem = self._problem(ctx)
+        values, vectors = self._eigenpairs(ctx, problem)
+        inverse = 1.0 / (values + problem.shift)
+        source = gradient_source(ctx, self.needs)
+        g_v = source.target(ctx.final.index).to(torch.float64).to(ctx.device)
+        self._check(g_v, problem.d)
+        weights = (g_v @ vectors) * inverse  # (k,)
+
+        def per_shard(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            projected = g.to(vectors.device) @ vectors  # (m, k)
+            return projected @ weights, (projected * projected) @ inverse
+
+        ids, (scores, self_influence) = stream(source, ctx.final.index, per_shard)
+        return Attribution(sample_ids=ids, score=scores, suspicion=self_influence)
