@@ -7,8 +7,10 @@ from typing import Any
 
 from estimators.base import Estimator
 from estimators.baselines import RandomScores, SelfLoss
+from estimators.diffin import DiffIn
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
+from estimators.ip_ensemble import IPEnsemble
 from estimators.iterative_influence import (
     ArnoldiInfluence,
     ConjugateGradientInfluence,
@@ -23,11 +25,13 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         SelfLoss,
         InnerProduct,
         CosineInnerProduct,
+        IPEnsemble,
         TracIn,
         ExactInfluence,
         ConjugateGradientInfluence,
         LissaInfluence,
         ArnoldiInfluence,
+        DiffIn,
     )
 }
 

@@ -37,7 +37,8 @@ def _dense(ctx, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_names_order_and_needs() -> None:
-    assert list(ESTIMATORS)[:6] == ["random", "loss", "ip", "cosine", "tracin", "if_exact"]
+    assert list(ESTIMATORS)[:4] == ["random", "loss", "ip", "cosine"]
+    assert {"tracin", "if_exact"} <= set(ESTIMATORS)
     expected = {
         "random": Needs("final", gradients=False, model=False),
         "loss": Needs("final", gradients=False, model=True),
