@@ -7,10 +7,12 @@ from typing import Any
 
 from estimators.base import Estimator
 from estimators.baselines import RandomScores, SelfLoss
+from estimators.datainf import DataInf
 from estimators.diffin import DiffIn
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
 from estimators.ip_ensemble import IPEnsemble
+from estimators.kfac import EKFACInfluence
 from estimators.iterative_influence import (
     ArnoldiInfluence,
     ConjugateGradientInfluence,
@@ -31,6 +33,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         ConjugateGradientInfluence,
         LissaInfluence,
         ArnoldiInfluence,
+        EKFACInfluence,
+        DataInf,
         DiffIn,
     )
 }

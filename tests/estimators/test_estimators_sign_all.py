@@ -114,6 +114,7 @@ def _spearman(case, name: str, **options) -> float:
 BASELINES = ("random", "loss")
 STEP_BASED = ("diffin",)
 CASES = [(name, {}) for name in ESTIMATORS if name not in BASELINES + STEP_BASED]
+CASES.append(("if_ekfac", {"kind": "kfac"}))
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=lambda v: str(v) if v else "")
