@@ -12,12 +12,12 @@ from estimators.diffin import DiffIn
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
 from estimators.ip_ensemble import IPEnsemble
-from estimators.kfac import EKFACInfluence
 from estimators.iterative_influence import (
     ArnoldiInfluence,
     ConjugateGradientInfluence,
     LissaInfluence,
 )
+from estimators.kfac import EKFACInfluence
 from estimators.tracin import TracIn
 
 ESTIMATORS: dict[str, type[Estimator]] = {
