@@ -12,6 +12,13 @@ from storage.store import Store
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -24,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="store folder (default: $SIEVE_STORE or ./sieve-store)")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    store_help = "store folder (default: $SIEVE_STORE or ./sieve-store)"
+    parser = _Parser(prog="sieve", description=__doc__)
+    parser.add_argument("--store", help=store_help)
+    common = _Parser(add_help=False)
+    common.add_argument("--store", help=store_help, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="run the main flow")
     run.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
@@ -48,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace, store: Store) -> int:
-    from tasks.config import load_config, validate
+    from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight
 
     if args.resume:
@@ -57,14 +66,14 @@ def cmd_run(args: argparse.Namespace, store: Store) -> int:
         run = store.existing_run(args.resume)
         if not run.config.exists():
             raise BadInput(f"run {args.resume} has no config.yaml to resume from")
-        import yaml
-
-        config = validate(yaml.safe_load(run.config.read_text()))
+        config = load_resolved_config(run.config)
         run_id = args.resume
+        if not run.samples.exists():
+            preflight(config)
     else:
         config = load_config(args.config, args.set)
         run_id = store.new_run_id()
-    preflight(config)
+        preflight(config)
 
     from flows.environment import configure
 

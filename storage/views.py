@@ -40,6 +40,8 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("lr", "DOUBLE"),
         ("path", "VARCHAR"),
         ("sha256", "VARCHAR"),
+        ("step_lr", "DOUBLE"),
+        ("model", "BIGINT"),
     ],
     "metrics": [
         ("stage", "VARCHAR"),
@@ -54,6 +56,7 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("target", "VARCHAR"),
         ("sample_id", "BIGINT"),
         ("score", "DOUBLE"),
+        ("suspicion", "DOUBLE"),
     ],
     "attributions": [
         ("estimator", "VARCHAR"),

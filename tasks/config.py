@@ -215,6 +215,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return validate(raw)
 
 
+def load_resolved_config(path: Path) -> Config:
+    """A run's own config.yaml (already complete: no default merged in)."""
+    return validate(_read_yaml(Path(path)))
+
+
 def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)

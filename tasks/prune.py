@@ -56,10 +56,10 @@ def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Remov
     for s in seeds:
         chosen = np.random.default_rng([config.seed, 1000 + s]).choice(train_ids, count, False)
         removals.append(Removal("random", s, tuple(sorted(chosen.tolist()))))
-    corrupted = dict(zip(work.samples.sample_id.tolist(),
-                         (work.samples.corrupted if work.samples.corrupted is not None
-                          else np.zeros(len(work.samples.sample_id), bool)).tolist(),
-                         strict=True))
+    known = work.samples.corrupted
+    corrupted = {} if known is None else dict(
+        zip(work.samples.sample_id.tolist(), known.tolist(), strict=True)
+    )
     with stage(run, tracking, "prune") as rec, open_run(run) as con:
         rec.params({"fraction": config.prune.fraction, "count": count,
                     "by": ",".join(config.prune.by)})
@@ -71,10 +71,13 @@ def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Remov
                           "rank": pa.array(range(len(ids)), pa.int64())}),
                 run.dir / "prune" / f"estimator={name}" / "part-0.parquet",
             )
-            hit = float(np.mean([corrupted[i] for i in ids]))
             rec.metric("removed", len(ids), estimator=name)
-            rec.metric("removed_corrupted_fraction", hit, estimator=name)
-            log.info("prune: %d most harmful by %s, %.0f%% of them corrupted", len(ids), name,
-                     100 * hit)
+            if known is None:
+                log.info("prune: %d most harmful by %s", len(ids), name)
+            else:
+                hit = float(np.mean([corrupted[i] for i in ids]))
+                rec.metric("removed_corrupted_fraction", hit, estimator=name)
+                log.info("prune: %d most harmful by %s, %.0f%% of them corrupted", len(ids),
+                         name, 100 * hit)
             removals += [Removal(f"pruned:{name}", s, tuple(ids)) for s in seeds]
     return removals

@@ -144,7 +144,7 @@ def _train_and_capture(run, config, work: Workload, rec, log, member: int):
                    checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress)
     if member == 0:
         for step, loss in enumerate(losses):
-            rec.mlflow.metric("loss", loss, step)
+            rec.metric("loss", loss, step=step)
     rec.metric("final_loss", float(np.mean(losses[-10:])), seed=seed)
     return records
 

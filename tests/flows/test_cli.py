@@ -91,3 +91,26 @@ def test_console_script_exit_code(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "train.epochs" in result.stderr
 
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--no-such-flag" in err
+
+
+def test_store_may_come_before_the_command(tmp_path, capsys):
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    assert main(["--store", str(tmp_path), "runs"]) == 0
+    assert "r1" in capsys.readouterr().out
+
+
+def test_broken_config_of_a_resumed_run_exits_2(tmp_path, capsys):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: [unclosed\n")
+    assert main(["run", "--store", str(tmp_path), "--resume", "r1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML" in err and "\n" not in err

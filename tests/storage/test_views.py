@@ -117,7 +117,7 @@ def test_empty_scores_view_columns(run: RunPaths) -> None:
     run.scores_root.mkdir(parents=True)  # folder exists but holds nothing complete
     (run.scores_root / "estimator=ip" / "target=val").mkdir(parents=True)
     cols, rows = q(run, "select * from scores")
-    assert (cols, rows) == (["estimator", "target", "sample_id", "score"], [])
+    assert (cols, rows) == (["estimator", "target", "sample_id", "score", "suspicion"], [])
 
 
 @pytest.mark.parametrize(
