@@ -19,6 +19,7 @@ from estimators.iterative_influence import (
 )
 from estimators.kfac import EKFACInfluence
 from estimators.tracin import TracIn
+from estimators.trak import TRAK
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
@@ -35,6 +36,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         ArnoldiInfluence,
         EKFACInfluence,
         DataInf,
+        TRAK,
         DiffIn,
     )
 }
