@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from estimators.registry import ESTIMATORS, estimator_options
+from estimators.registry import ESTIMATORS, estimator_options, make_estimator
 from storage.errors import BadInput
 
 
@@ -94,7 +94,10 @@ class TrainConfig(Section):
 
 class GradientsConfig(Section):
     shard_size: int = Field(512, ge=1)
-    projection: None = Field(None, description="random projection: not available yet")
+    projection: int | None = Field(
+        None, ge=1, description="store gradients randomly projected to this many dimensions"
+    )
+    projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
 
 
 class EstimatorSpec(BaseModel):
@@ -191,6 +194,15 @@ class Config(Section):
         names = [e.name for e in self.estimators]
         if len(set(names)) != len(names):
             raise ValueError("estimators: an estimator is listed twice")
+        if self.gradients.projection is not None:
+            full = [e.name for e in self.estimators
+                    if (n := make_estimator(e.name, **e.options).needs).gradients
+                    and n.full_gradients]
+            if full:
+                raise ValueError(
+                    f"estimators {full} need unprojected gradients; drop them or "
+                    "gradients.projection"
+                )
         missing = [b for b in self.prune.by if b not in names]
         if missing:
             raise ValueError(f"prune.by {missing} must be among the estimators {names}")

@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from estimators.per_sample import parameter_count, parameter_order, per_sample_gradients
+from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.errors import BadInput
@@ -76,20 +77,25 @@ def shard_jobs(config: Config, records: list[CheckpointRecord], split_sizes: dic
     ]
 
 
-def _complete(path, record: CheckpointRecord) -> bool:
+def _complete(path, record: CheckpointRecord, config: Config) -> bool:
+    """A shard is complete when it exists for this checkpoint file and projection."""
     if not path.exists():
         return False
     try:
-        return read_shard_meta(path).model_hash == record.sha256
+        meta = read_shard_meta(path)
     except BadInput:
         return False
+    k = config.gradients.projection
+    return meta.model_hash == record.sha256 and (
+        meta.projection is None if k is None else meta.k == k
+    )
 
 
 @task(name="gradient-shard", cache_policy=NO_CACHE)
 def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
     """Compute and write one shard (float32 rows in the model's parameter order)."""
     path = shard_path(run.gradients_dir(job.checkpoint.checkpoint, job.split), job.part)
-    if _complete(path, job.checkpoint):
+    if _complete(path, job.checkpoint, config):
         return ShardResult(job.stop - job.start, 0.0, computed=False)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -99,8 +105,13 @@ def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
     model.load_state_dict(load_state_dict(job.checkpoint.path, job.checkpoint.sha256))
     model = model.to(device()).eval()
     grads = per_sample_gradients(model, work.x[rows].to(device()), work.y[rows].to(device()))
+    k = config.gradients.projection
+    if k is not None:
+        kind = config.gradients.projection_kind
+        grads = Projector.for_model(model, k, seed=config.seed, kind=kind).project(grads)
     meta = ShardMeta(
-        dtype="float32", projection=None, k=grads.shape[1], seed=None,
+        dtype="float32", projection=config.gradients.projection_kind if k else None,
+        k=grads.shape[1], seed=config.seed if k else None,
         parameter_order=parameter_order(model), parameter_count=parameter_count(model),
         checkpoint=job.checkpoint.checkpoint, model_hash=job.checkpoint.sha256, split=job.split,
     )
@@ -121,7 +132,8 @@ def gradients_stage(
     with stage(run, tracking, "gradients") as rec:
         rec.params({"shards": len(jobs), "shard_size": config.gradients.shard_size,
                     "checkpoints": len({j.checkpoint.checkpoint for j in jobs}),
-                    "device": str(device())})
+                    "device": str(device()),
+                    "projection": config.gradients.projection or "none"})
         started = time.perf_counter()
         futures = [gradient_shard.submit(run, config, job) for job in jobs]
         results: list[ShardResult] = []
