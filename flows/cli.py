@@ -51,12 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
     query.set_defaults(command=cmd_query)
 
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="counterfactual evaluation: LOO, LDS, detection, prune curve")
+    evaluate.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key, e.g. --set model.name=logreg")
+    evaluate.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted evaluation")
+    evaluate.set_defaults(command=cmd_evaluate)
+
     runs = sub.add_parser("runs", parents=[common], help="list the store's runs")
     runs.set_defaults(command=cmd_runs)
     return parser
 
 
-def cmd_run(args: argparse.Namespace, store: Store) -> int:
+def _config_and_run_id(args: argparse.Namespace, store: Store):
+    """The validated config and run id of a new run, or of the run ``--resume`` names."""
     from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight
 
@@ -74,7 +83,11 @@ def cmd_run(args: argparse.Namespace, store: Store) -> int:
         config = load_config(args.config, args.set)
         run_id = store.new_run_id()
         preflight(config)
+    return config, run_id
 
+
+def cmd_run(args: argparse.Namespace, store: Store) -> int:
+    config, run_id = _config_and_run_id(args, store)
     from flows.environment import configure
 
     configure(store.root)
@@ -85,6 +98,21 @@ def cmd_run(args: argparse.Namespace, store: Store) -> int:
     summary = pipeline(config=config, store=str(store.root), run_id=run_id,
                        resume=bool(args.resume))
     print_run_summary(summary, config, time.perf_counter() - started)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, store: Store) -> int:
+    config, run_id = _config_and_run_id(args, store)
+    from flows.environment import configure
+
+    configure(store.root)
+    from flows.evaluate import evaluate
+    from flows.report import print_evaluation
+
+    started = time.perf_counter()
+    summary = evaluate(config=config, store=str(store.root), run_id=run_id,
+                       resume=bool(args.resume))
+    print_evaluation(summary, config, time.perf_counter() - started)
     return 0
 
 

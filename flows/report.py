@@ -7,6 +7,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from flows.evaluate import EvaluationSummary
 from flows.pipeline import RunSummary
 from storage.metrics import read_metrics
 from storage.store import Store
@@ -62,6 +63,39 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
     )
 
 
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float) -> None:
+    table = Table(title=f"sieve evaluate {summary.run_id}  ({seconds:.0f} s)")
+    fractions = config.evaluate.prune_curve.fractions
+    q = min(fractions, key=lambda f: abs(f - 0.10))
+    for column in ("estimator", "LDS (95% CI)", "LOO Pearson", "LOO Spearman",
+                   "detection AUC", f"prune gain @{100 * q:g}% (pts)", "seconds", "peak MiB"):
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    for spec in config.estimators:
+        row = summary.table[spec.name]
+        lds = (f"{row['lds']:.3f} [{row['lds_low']:.3f}, {row['lds_high']:.3f}]"
+               if "lds" in row else "–")
+        gain = row.get(f"prune_gain@{q}")
+        table.add_row(spec.name, lds, _fmt(row.get("loo_pearson")),
+                      _fmt(row.get("loo_spearman")), _fmt(row.get("detection_auc")),
+                      _fmt(None if gain is None else 100 * gain, 2),
+                      _fmt(row.get("seconds"), 2), _fmt(row.get("peak_mb"), 1))
+    console = _console()
+    console.print(table)
+    full = summary.table["full_data"]["test_accuracy"]
+    rand = summary.table["random_removal"][f"prune_accuracy@{q}"]
+    console.print(f"test accuracy: full data {100 * full:.2f}%, random removal of "
+                  f"{100 * q:g}% {100 * rand:.2f}%")
+    console.print(
+        f"\nnext:\n  sieve query --store {summary.store} --run {summary.run_id} "
+        "\"select * from evaluation where metric = 'lds' order by value desc\"\n"
+        f"  mlflow ui --backend-store-uri sqlite:///{summary.store}/mlflow.db"
+    )
+
+
 def print_runs(store: Store) -> None:
     table = Table(title=f"runs in {store.root}")
     for column in ("run id", "data", "model", "estimators", "stages done", "best detection AUC"):
@@ -69,8 +103,8 @@ def print_runs(store: Store) -> None:
     for run in store.list_runs():
         config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         metrics = read_metrics(run.metrics).to_pylist()
-        stages = sorted({m["stage"] for m in metrics},
-                        key=["train", "gradients", "score", "prune", "retrain"].index)
+        order = ["train", "gradients", "score", "prune", "retrain", "groundtruth", "evaluate"]
+        stages = sorted({m["stage"] for m in metrics}, key=order.index)
         aucs = [m["value"] for m in metrics if m["name"] == "detection_auc"]
         table.add_row(
             run.run_id,

@@ -58,6 +58,11 @@ class RunPaths:
         return self.dir / "metrics.parquet"
 
     @property
+    def evaluation(self) -> Path:
+        """Counterfactual evaluation results (estimator, metric, value)."""
+        return self.dir / "evaluation.parquet"
+
+    @property
     def gradients_root(self) -> Path:
         return self.dir / "gradients"
 

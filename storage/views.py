@@ -64,6 +64,11 @@ _COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("test_id", "BIGINT"),
         ("score", "DOUBLE"),
     ],
+    "evaluation": [
+        ("estimator", "VARCHAR"),
+        ("metric", "VARCHAR"),
+        ("value", "DOUBLE"),
+    ],
 }
 
 
@@ -120,6 +125,7 @@ def _view_sql(run: RunPaths) -> dict[str, str]:
         ("samples", run.samples),
         ("checkpoints", run.checkpoint_index),
         ("metrics", run.metrics),
+        ("evaluation", run.evaluation),
     ):
         sql[view] = f"SELECT * FROM {_read([path])}" if path.is_file() else _empty(view)
     scores = [

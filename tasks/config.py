@@ -148,6 +148,36 @@ class PruneConfig(Section):
         return [v] if isinstance(v, str) else v
 
 
+class LooConfig(Section):
+    samples: int = Field(50, ge=3, description="training samples removed one at a time")
+    seeds: int = Field(3, ge=1, description="retrains per removal (paired with the full run)")
+
+
+class LdsConfig(Section):
+    subsets: int = Field(64, ge=3, description="random training subsets (M)")
+    fraction: float = Field(0.5, gt=0, lt=1, description="fraction of the train split kept")
+    seeds: int = Field(2, ge=1)
+    targets: int = Field(100, ge=1, description="test samples attributed one by one")
+
+
+class PruneCurveConfig(Section):
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.10, 0.20])
+    seeds: int = Field(3, ge=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < q < 1 for q in v):
+            raise ValueError("each fraction must be in (0, 1)")
+        return sorted(v)
+
+
+class EvaluateConfig(Section):
+    loo: LooConfig = LooConfig()
+    lds: LdsConfig = LdsConfig()
+    prune_curve: PruneCurveConfig = PruneCurveConfig()
+
+
 class DaskConfig(Section):
     workers: int = Field(2, ge=1)
     address: str | None = None
@@ -171,6 +201,7 @@ class Config(Section):
     estimators: list[EstimatorSpec] = Field(default_factory=list)
     targets: TargetsConfig = TargetsConfig()
     prune: PruneConfig = PruneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     runner: Literal["threads"] = Field("threads", description="dask and ray: not available yet")
     dask: DaskConfig = DaskConfig()
     ray: RayConfig = RayConfig()

@@ -58,3 +58,44 @@ def accuracy_comparison(arms: dict[str, list[float]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def lds_bars(table: dict[str, dict[str, float]], path: Path) -> Path:
+    """LDS per estimator with its 95% confidence interval."""
+    names = list(table)
+    means = [table[n]["lds"] for n in names]
+    low = [table[n]["lds"] - table[n]["lds_low"] for n in names]
+    high = [table[n]["lds_high"] - table[n]["lds"] for n in names]
+    fig, ax = plt.subplots(figsize=(0.8 * len(names) + 2, 3.6))
+    ax.bar(names, means, yerr=np.nan_to_num([low, high]), capsize=4, color="#55a868")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("LDS (Spearman, mean over targets)")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def prune_curves(
+    accuracy: dict[str, list[float]], estimators: list[str], fractions: list[float], path: Path
+) -> Path:
+    """Test accuracy after removing the q most harmful samples, per estimator, against random
+    removal of the same number (mean ± sd over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [100 * q for q in fractions]
+    for name in [*estimators, "random"]:
+        values = [accuracy[f"{name}@{q}"] for q in fractions]
+        style = {"color": "black", "linestyle": "--"} if name == "random" else {}
+        ax.errorbar(xs, [np.mean(v) for v in values], yerr=[np.std(v) for v in values],
+                    label=name, capsize=2, marker="o", markersize=3, **style)
+    ax.axhline(np.mean(accuracy["full"]), color="gray", linewidth=0.8, label="full data")
+    ax.set_xlabel("% of training samples removed")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

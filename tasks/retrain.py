@@ -16,20 +16,27 @@ from tasks.config import Config
 from tasks.plots import accuracy_comparison
 from tasks.prune import Removal
 from tasks.stage import stage
-from tasks.workload import load_workload
+from tasks.workload import Workload, load_workload
 from workloads.models import seeded_model
 from workloads.training import accuracy, train
+
+
+def train_without(work: Workload, removed: tuple[int, ...], seed: int) -> torch.nn.Module:
+    """A model trained from scratch (same recipe, ``seed``: same initialization, data order and
+    schedule) on the train split without the samples whose ids are in ``removed``."""
+    torch.set_num_threads(1)
+    rows = work.rows("train")
+    keep = ~np.isin(work.samples.sample_id[rows], removed)
+    model = seeded_model(work.factory, seed)
+    train(model, work.x[rows], work.y[rows], work.recipe, seed, keep=keep)
+    return model
 
 
 @task(name="retrain-one", cache_policy=NO_CACHE)
 def retrain_one(run: RunPaths, config: Config, removal: Removal) -> float:
     """Test accuracy (against clean labels) of a model trained without ``removal.removed``."""
-    torch.set_num_threads(1)
     work = load_workload(run, config)
-    train_rows = work.rows("train")
-    keep = train_rows[~np.isin(work.samples.sample_id[train_rows], removal.removed)]
-    model = seeded_model(work.factory, removal.seed)
-    train(model, work.x[keep], work.y[keep], work.recipe, removal.seed)
+    model = train_without(work, removal.removed, removal.seed)
     test = work.rows("test")
     return accuracy(model, work.x[test], work.test_labels()[test])
 

@@ -26,6 +26,7 @@ from storage.gradient_shards import complete_shards, read_gradient_shard
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
+from tasks.memory import peak_memory
 from tasks.plots import score_distributions
 from tasks.stage import stage
 from tasks.workload import load_workload
@@ -136,13 +137,15 @@ def supports_pairwise(estimator: Estimator) -> bool:
 @task(name="score", cache_policy=NO_CACHE)
 def score_one(
     run: RunPaths, config: Config, records: list[CheckpointRecord], name: str
-) -> tuple[Attribution, float]:
+) -> tuple[Attribution, float, float]:
     """Run estimator ``name`` and write its scores (and, when asked and supported, its
-    train x test attributions); returns (attribution, seconds for the summed target)."""
+    train x test attributions); returns (attribution, seconds and peak MiB above the start,
+    both for the summed target)."""
     torch.set_num_threads(1)
     estimator = make_estimator(name, **config.estimator(name).options)
     started = time.perf_counter()
-    attribution = estimator.score(scoring_context(run, config, records))
+    with peak_memory() as memory:
+        attribution = estimator.score(scoring_context(run, config, records))
     seconds = time.perf_counter() - started
     suspicion = attribution.suspicion
     table = pa.table(
@@ -160,7 +163,7 @@ def score_one(
             scoring_context(run, config, records, pairwise=True)
         )
         write_attributions(run.attributions_dir(name), train_ids, test_ids, matrix)
-    return attribution, seconds
+    return attribution, seconds, memory.delta_mb
 
 
 def write_attributions(
@@ -195,14 +198,15 @@ def score_stage(
                     "target": target_name(config)})
         attributions = {}
         for i, spec in enumerate(config.estimators, 1):
-            attribution, seconds = score_one(run, config, records, spec.name)
+            attribution, seconds, peak_mb = score_one(run, config, records, spec.name)
             attributions[spec.name] = attribution
-            row = {"seconds": seconds}
+            row = {"seconds": seconds, "peak_mb": peak_mb}
             rec.metric("seconds", seconds, estimator=spec.name)
+            rec.metric("peak_mb", peak_mb, estimator=spec.name)
             if corrupted is not None and corrupted.any():
                 row |= _detection(attribution, corrupted, work.samples.sample_id)
                 for key, value in row.items():
-                    if key != "seconds":
+                    if key not in ("seconds", "peak_mb"):
                         rec.metric(key, value, estimator=spec.name)
             summary[spec.name] = row
             log.info("score: %d/%d %s in %.2f s", i, len(config.estimators), spec.name, seconds)

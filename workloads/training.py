@@ -64,10 +64,14 @@ def train(
     checkpoints: int = 1,
     on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    keep: np.ndarray | None = None,
 ) -> list[float]:
     """Train ``model`` in place on (x (n, f), y (n,)); returns the loss of every step.
 
-    Deterministic given ``seed`` (data order) and the model's initial state.
+    Deterministic given ``seed`` (data order) and the model's initial state. ``keep`` (n,) bool
+    drops samples while keeping everything else fixed: the same data order and batches (a
+    batch loses its dropped rows; one left empty is skipped), the same lr schedule. That is
+    the counterfactual "same run without these samples" used for ground truth.
     """
     n = len(y)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
@@ -89,7 +93,12 @@ def train(
         order = torch.from_numpy(rng.permutation(n))
         for start in range(0, n, recipe.batch_size):
             idx = order[start : start + recipe.batch_size]
+            if keep is not None:
+                idx = idx[torch.from_numpy(keep[idx.numpy()])]
             lr = recipe.lr_at(step, steps_per_epoch)
+            if len(idx) == 0:
+                step += 1
+                continue
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = F.cross_entropy(model(x[idx]), y[idx])

@@ -189,3 +189,28 @@ def test_accuracy() -> None:
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 4.0], [1.0, 2.0]])
     assert accuracy(model, logits, torch.tensor([0, 1, 1, 0])) == 0.5
     assert accuracy(model, logits, torch.tensor([0, 1, 0, 1])) == 1.0
+
+
+def test_keep_mask_drops_samples_and_changes_nothing_else():
+    from workloads.models import logistic_regression, seeded_model
+    from workloads.training import Recipe, train
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(50, 4)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 3, 50))
+    recipe = Recipe(epochs=3, batch_size=8)
+
+    def fit(x, y, keep=None):
+        model = seeded_model(lambda: logistic_regression(4, 3), 1)
+        losses = train(model, x, y, recipe, seed=2, keep=keep)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), losses
+
+    everything, _ = fit(x, y)
+    assert torch.equal(fit(x, y, keep=np.ones(50, bool))[0], everything)
+    keep = np.ones(50, bool)
+    keep[[3, 17]] = False
+    without, _ = fit(x, y, keep=keep)
+    assert not torch.equal(without, everything)
+    x_changed = x.clone()
+    x_changed[[3, 17]] = 100.0  # a dropped row's content must not matter
+    assert torch.equal(fit(x_changed, y, keep=keep)[0], without)
