@@ -61,10 +61,9 @@ def test_own_data_and_model(tmp_path, monkeypatch):
     assert set(scored["sample_id"].to_pylist()) == train_ids
 
 
-def test_existing_model_is_attributed_without_training(tmp_path, monkeypatch, capsys):
-    """A model trained outside Sieve, given as checkpoint files with their learning rates,
-    on the user's Parquet data (with its own split column): no training, and train x test
-    attributions keyed by the user's sample ids."""
+def _external_model(tmp_path, monkeypatch):
+    """The user's data with its own split column, and a model trained outside Sieve (plain
+    torch) saved as two checkpoint files; returns (ids, split, config path, checkpoints arg)."""
     ids, config = _user_files(tmp_path, monkeypatch)
     table = pq.read_table(tmp_path / "mine.parquet")
     split = np.where(np.arange(len(ids)) % 5 == 0, "test",
@@ -89,9 +88,17 @@ def test_existing_model_is_attributed_without_training(tmp_path, monkeypatch, ca
         files.append(tmp_path / f"external-{epoch}.pt")
         torch.save(model.state_dict(), files[-1])
     listed = "[" + ", ".join(f"{{path: {f}, lr: 0.1}}" for f in files) + "]"
+    return ids, split, config, f"train.checkpoints={listed}"
+
+
+def test_existing_model_is_attributed_without_training(tmp_path, monkeypatch, capsys):
+    """A model trained outside Sieve, given as checkpoint files with their learning rates,
+    on the user's Parquet data (with its own split column): no training, and train x test
+    attributions keyed by the user's sample ids."""
+    ids, split, config, checkpoints = _external_model(tmp_path, monkeypatch)
     store = Store(tmp_path / "store")
     assert main(["run", "--store", str(store.root), "-c", str(config),
-                 "--set", f"train.checkpoints={listed}", "--set", "data.noise=0",
+                 "--set", checkpoints, "--set", "data.noise=0",
                  "--set", "targets.pairwise=true", "--set", "targets.test_samples=15"]) == 0
     run = store.latest_run()
     assert not list(run.checkpoints_dir.glob("*.pt")), "no training: no checkpoint files"
@@ -102,7 +109,7 @@ def test_existing_model_is_attributed_without_training(tmp_path, monkeypatch, ca
              from attributions group by 1 order by 1"""
     assert main(["query", "--store", str(store.root), "--format", "json", sql]) == 0
     rows = json.loads(capsys.readouterr().out)
-    n_train, n_test = int(train.sum()), 15
+    n_train, n_test = int((split == "train").sum()), 15
     assert [r["estimator"] for r in rows] == ["ip", "tracin"]  # loss has no pairwise form
     for r in rows:
         assert (r["trains"], r["tests"], r["n"]) == (n_train, n_test, n_train * n_test)
@@ -110,3 +117,19 @@ def test_existing_model_is_attributed_without_training(tmp_path, monkeypatch, ca
     test_ids = set(ids[split == "test"].tolist())
     got = pq.read_table(run.attributions_dir("ip") / "part-0.parquet")
     assert set(got["test_id"].to_pylist()) <= test_ids
+
+
+def test_existing_model_through_evaluate(tmp_path, monkeypatch, capsys):
+    """The same external model judged by counterfactual evaluation (retrains use the
+    configured recipe)."""
+    _, _, config, checkpoints = _external_model(tmp_path, monkeypatch)
+    store = Store(tmp_path / "store")
+    small = ["evaluate.loo.samples=5", "evaluate.loo.seeds=1", "evaluate.lds.subsets=5",
+             "evaluate.lds.seeds=1", "evaluate.lds.targets=10", "evaluate.prune_curve.seeds=1",
+             "evaluate.prune_curve.fractions=[0.1]", "train.epochs=2", "data.noise=0"]
+    args = [a for item in [checkpoints, *small] for a in ("--set", item)]
+    assert main(["evaluate", "--store", str(store.root), "-c", str(config), *args]) == 0
+    capsys.readouterr()
+    assert main(["query", "--store", str(store.root), "--format", "json",
+                 "select distinct estimator from evaluation where metric = 'lds'"]) == 0
+    assert {r["estimator"] for r in json.loads(capsys.readouterr().out)} == {"ip", "tracin"}
