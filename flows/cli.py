@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_and_run_id(args: argparse.Namespace, store: Store):
     """The validated config and run id of a new run, or of the run ``--resume`` names."""
+    from flows.environment import configure
+
+    configure(store.root)  # before anything imports Prefect: it reads its settings then
     from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight
 
@@ -88,9 +91,6 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
 
 def cmd_run(args: argparse.Namespace, store: Store) -> int:
     config, run_id = _config_and_run_id(args, store)
-    from flows.environment import configure
-
-    configure(store.root)
     from flows.pipeline import pipeline
     from flows.report import print_run_summary
 
@@ -103,9 +103,6 @@ def cmd_run(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> int:
     config, run_id = _config_and_run_id(args, store)
-    from flows.environment import configure
-
-    configure(store.root)
     from flows.evaluate import evaluate
     from flows.report import print_evaluation
 

@@ -10,6 +10,7 @@ import torch
 from prefect import flow
 
 from flows.run_setup import tracked_run
+from flows.runner import task_runner
 from storage.store import Store
 from tasks.config import Config
 from tasks.evaluation import evaluation_stage, groundtruth_stage, plan_retrains
@@ -34,7 +35,7 @@ def for_evaluation(config: Config) -> Config:
     return config.model_copy(update={"targets": targets})
 
 
-@flow(name="sieve-evaluate", log_prints=True)
+@flow(name="sieve-evaluate", log_prints=True, task_runner=task_runner())
 def evaluate(config: Config, store: str, run_id: str, resume: bool = False) -> EvaluationSummary:
     """Counterfactual evaluation of every configured estimator on this workload."""
     torch.set_num_threads(1)

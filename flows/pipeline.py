@@ -8,6 +8,7 @@ import torch
 from prefect import flow
 
 from flows.run_setup import tracked_run
+from flows.runner import task_runner
 from storage.store import Store
 from tasks.config import Config
 from tasks.gradients import gradients_stage
@@ -28,7 +29,7 @@ class RunSummary:
     accuracy: dict[str, list[float]] = field(default_factory=dict)
 
 
-@flow(name="sieve-pipeline", log_prints=True)
+@flow(name="sieve-pipeline", log_prints=True, task_runner=task_runner())
 def pipeline(config: Config, store: str, run_id: str, resume: bool = False) -> RunSummary:
     """Find, then remove, the training samples that hurt the model; compare retrained accuracy.
 

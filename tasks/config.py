@@ -172,10 +172,21 @@ class PruneCurveConfig(Section):
         return sorted(v)
 
 
+class BrittlenessConfig(Section):
+    """Datamodels' brittleness test: remove a test target's top-k supporters, retrain, and
+    count the targets whose margin turns negative (against removing k random samples)."""
+
+    enabled: bool = False
+    targets: int = Field(50, ge=1, description="correctly classified test targets")
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20, 40, 80])
+    seeds: int = Field(3, ge=1)
+
+
 class EvaluateConfig(Section):
     loo: LooConfig = LooConfig()
     lds: LdsConfig = LdsConfig()
     prune_curve: PruneCurveConfig = PruneCurveConfig()
+    brittleness: BrittlenessConfig = BrittlenessConfig()
 
 
 class DaskConfig(Section):

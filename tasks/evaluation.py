@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from estimators.counterfactual import lds, loo_correlation, mean_ci
 from estimators.metrics import found_fraction
 from storage.atomic import read_parquet_table, write_parquet_atomic
+from storage.checkpoints import load_state_dict, read_checkpoint_index
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from storage.views import open_run
@@ -72,7 +74,61 @@ def plan_retrains(run: RunPaths, config: Config) -> list[Retrain]:
                 ids = tuple(sorted(r[0] for r in con.execute(MOST_HARMFUL, params).fetchall()))
                 plan += [Retrain("pruned", f"{spec.name}@{q}", ids, s)
                          for s in _seeds(config, ev.prune_curve.seeds)]
+    if ev.brittleness.enabled:
+        plan += _brittleness_plan(run, config, train_ids)
     return plan
+
+
+def brittleness_targets(run: RunPaths, config: Config) -> np.ndarray:
+    """Up to ``brittleness.targets`` attributed test samples the trained model gets right."""
+    work = load_workload(run, config)
+    ids = _lds_targets(run, config)
+    rows = np.searchsorted(work.samples.sample_id, ids, sorter=np.argsort(work.samples.sample_id))
+    order = np.argsort(work.samples.sample_id)[rows]
+    records = read_checkpoint_index(run.checkpoints_dir)
+    final = [r for r in records if r.model == 0][-1]
+    model = work.factory()
+    model.load_state_dict(load_state_dict(final.path, final.sha256))
+    with torch.no_grad():
+        right = model.eval()(work.x[order]).argmax(1) == work.test_labels()[order]
+    return ids[right.numpy()][: config.evaluate.brittleness.targets]
+
+
+def _brittleness_plan(run: RunPaths, config: Config, train_ids: np.ndarray) -> list[Retrain]:
+    b = config.evaluate.brittleness
+    targets = brittleness_targets(run, config)
+    plan = []
+    for spec in config.estimators:
+        matrix = _attribution_matrix(run, spec.name, train_ids, _lds_targets(run, config))
+        if matrix is None:
+            continue
+        columns = np.searchsorted(_lds_targets(run, config), targets)
+        for t, column in zip(targets, columns, strict=True):
+            order = train_ids[np.argsort(-matrix[:, column], kind="stable")]
+            plan += [Retrain("brittle", f"{spec.name}|{t}|{k}",
+                             tuple(sorted(order[:k].tolist())), s)
+                     for k in b.ks for s in _seeds(config, b.seeds)]
+    for t in targets:
+        for k in b.ks:
+            chosen = np.random.default_rng([config.seed, 19, int(t), k]).choice(
+                train_ids, k, replace=False)
+            plan += [Retrain("brittle", f"random|{t}|{k}", tuple(sorted(chosen.tolist())), s)
+                     for s in _seeds(config, b.seeds)]
+    return plan
+
+
+def _brittleness(plan_rows: list[Retrain], outcomes: dict) -> dict[tuple[str, int], float]:
+    """{(estimator or 'random', k): fraction of targets whose mean margin after removing their
+    top-k supporters is negative}."""
+    margins: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for r in plan_rows:
+        name, target, k = r.label.split("|")
+        value = outcomes[(r.removed, r.seed)].margins(np.array([int(target)]))[0]
+        margins[(name, int(target), int(k))].append(value)
+    flipped: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    for (name, _, k), values in margins.items():
+        flipped[(name, k)].append(float(np.mean(values)) < 0)
+    return {key: float(np.mean(v)) for key, v in flipped.items()}
 
 
 @task(name="groundtruth", cache_policy=NO_CACHE)
@@ -139,7 +195,8 @@ def evaluation_stage(
     loo = defaultdict(list)
     for r in by_role["loo"]:
         o = outcomes[(r.removed, r.seed)]
-        loo[int(r.label)].append(o.summed_loss("val") - full[r.seed].summed_loss("val"))
+        split = config.targets.split
+        loo[int(r.label)].append(o.summed_loss(split) - full[r.seed].summed_loss(split))
     loo_ids = np.array(sorted(loo))
     loo_delta = np.array([np.mean(loo[i]) for i in loo_ids])
 
@@ -180,6 +237,9 @@ def evaluation_stage(
             row[f"prune_accuracy@{q}"] = float(np.mean(pruned))
             row[f"prune_gain@{q}"] = float(np.mean(pruned) - np.mean(rand))
         table[name] = row
+    for (name, k), fraction in _brittleness(by_role["brittle"], outcomes).items():
+        key = "random_removal" if name == "random" else name
+        table.setdefault(key, {})[f"brittleness_flipped@{k}"] = fraction
     for q in config.evaluate.prune_curve.fractions:
         values = accuracy[f"random@{q}"]
         table.setdefault("random_removal", {})[f"prune_accuracy@{q}"] = float(np.mean(values))

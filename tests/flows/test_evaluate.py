@@ -18,6 +18,8 @@ SMALL_EVALUATION = [
     "evaluate.loo.samples=12", "evaluate.loo.seeds=1",
     "evaluate.lds.subsets=10", "evaluate.lds.seeds=1", "evaluate.lds.targets=15",
     "evaluate.prune_curve.fractions=[0.05,0.2]", "evaluate.prune_curve.seeds=1",
+    "evaluate.brittleness.enabled=true", "evaluate.brittleness.targets=3",
+    "evaluate.brittleness.ks=[5,60]", "evaluate.brittleness.seeds=1",
 ]
 
 
@@ -41,6 +43,10 @@ def test_evaluate_then_reuse_the_retrains(tmp_path, capsys):
         assert np.isfinite(table[(name, "loo_spearman")])
         assert 0 <= table[(name, "detection_auc")] <= 1
         assert (name, "prune_gain@0.2") in table
+    # removing a target's top-60 supporters (a superset of its top 5) flips at least as many
+    assert (0 <= table[("if_exact", "brittleness_flipped@5")]
+            <= table[("if_exact", "brittleness_flipped@60")] <= 1)
+    assert 0 <= table[("random_removal", "brittleness_flipped@60")] <= 1
     # the influence function tracks the margins of retrained models; random scores don't
     assert table[("if_exact", "lds")] > 0.3
     assert abs(table[("random", "loo_spearman")]) < table[("if_exact", "loo_spearman")]
