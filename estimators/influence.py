@@ -8,6 +8,7 @@ so ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from typing import Literal
 
@@ -144,9 +145,17 @@ class ExactInfluence(Estimator):
         self.curvature = curvature
         self.damping = damping
         self.max_params = max_params
+        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def _factor(self, ctx: ScoringContext) -> torch.Tensor:
-        """Cholesky factor of H_total at the final checkpoint."""
+        """Cholesky factor of H_total at the final checkpoint; kept for the next call on the
+        same checkpoint and training set (``score`` then ``pairwise`` factor once)."""
+        digest = hashlib.sha256()
+        for tensor in [*ctx.final.load().values(), ctx.train_x, ctx.train_y]:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = (self.curvature, self.damping, ctx.weight_decay, digest.hexdigest())
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
         model = ctx.model_at(ctx.final)
         d = parameter_count(model)
         if d > self.max_params:
@@ -156,7 +165,9 @@ class ExactInfluence(Estimator):
                 "iterative/factored estimator."
             )
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
-        return damped_cholesky(h, ctx.weight_decay + self.damping)
+        factor = damped_cholesky(h, ctx.weight_decay + self.damping)
+        self._cached = (key, factor)
+        return factor
 
     def score(self, ctx: ScoringContext) -> Attribution:
         factor = self._factor(ctx)
