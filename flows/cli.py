@@ -89,28 +89,27 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
     return config, run_id
 
 
-def cmd_run(args: argparse.Namespace, store: Store) -> int:
+def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
+    """Validate, then run flow ``flow_name`` (pipeline or evaluate) and print its table."""
     config, run_id = _config_and_run_id(args, store)
+    from flows import report
+    from flows.evaluate import evaluate
     from flows.pipeline import pipeline
-    from flows.report import print_run_summary
 
+    flow, show = {"pipeline": (pipeline, report.print_run_summary),
+                  "evaluate": (evaluate, report.print_evaluation)}[flow_name]
     started = time.perf_counter()
-    summary = pipeline(config=config, store=str(store.root), run_id=run_id,
-                       resume=bool(args.resume))
-    print_run_summary(summary, config, time.perf_counter() - started)
+    summary = flow(config=config, store=str(store.root), run_id=run_id, resume=bool(args.resume))
+    show(summary, config, time.perf_counter() - started)
     return 0
+
+
+def cmd_run(args: argparse.Namespace, store: Store) -> int:
+    return _run_flow(args, store, "pipeline")
 
 
 def cmd_evaluate(args: argparse.Namespace, store: Store) -> int:
-    config, run_id = _config_and_run_id(args, store)
-    from flows.evaluate import evaluate
-    from flows.report import print_evaluation
-
-    started = time.perf_counter()
-    summary = evaluate(config=config, store=str(store.root), run_id=run_id,
-                       resume=bool(args.resume))
-    print_evaluation(summary, config, time.perf_counter() - started)
-    return 0
+    return _run_flow(args, store, "evaluate")
 
 
 def cmd_query(args: argparse.Namespace, store: Store) -> int:
