@@ -8,7 +8,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
@@ -20,60 +19,15 @@ LAM = 1e-2
 COPIES = 3
 
 
-def loo_deltas(model, x, y, tx, ty, lam, removed) -> np.ndarray:
-    """``U(theta_without_i) - U(theta)`` (U = summed target CE) by warm-started L-BFGS on
-    ``(1/n) sum_{j != i} l_j + (lam/2)||theta||^2`` (n fixed, so removal = weight -1/n)."""
-    n = len(y)
-
-    def target_loss(m: nn.Module) -> float:
-        with torch.no_grad():
-            return F.cross_entropy(m(tx), ty, reduction="sum").item()
-
-    base = target_loss(model)
-    deltas = []
-    for i in removed:
-        m = copy.deepcopy(model)
-        weights = torch.ones(n, dtype=torch.float64)
-        weights[i] = 0
-        opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
-                                tolerance_change=1e-16, history_size=30,
-                                line_search_fn="strong_wolfe")
-
-        def closure(m=m, opt=opt, weights=weights) -> torch.Tensor:
-            opt.zero_grad()
-            penalty = sum((p * p).sum() for p in m.parameters())
-            loss = (weights * F.cross_entropy(m(x), y, reduction="none")).sum() / n
-            loss = loss + lam / 2 * penalty
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        deltas.append(target_loss(m) - base)
-    return np.asarray(deltas)
-
-
 @pytest.fixture(scope="module")
-def logistic(digits, kit):
+def logistic(loo_case):
     """L2 logistic regression at its optimum, with LOO truth for 60 removed samples."""
-    x, y = torch.as_tensor(digits["train_x"]), torch.as_tensor(digits["train_y"])
-    tx, ty = torch.as_tensor(digits["test_x"]), torch.as_tensor(digits["test_y"])
-    model = kit.fit_lbfgs(kit.linear_factory()(), x, y, LAM)
-    ctx = kit.make_context(kit.linear_factory(), [kit.snapshot(model, 0, 1, 1.0)],
-                           digits["train_x"], digits["train_y"], digits["test_x"],
-                           digits["test_y"], LAM)
-    removed = np.random.default_rng(1).choice(len(y), size=60, replace=False)
-    return {"ctx": ctx, "removed": removed,
-            "delta": loo_deltas(model, x, y, tx, ty, LAM, removed)}
+    return loo_case(60, solver="torch", lam=LAM)
 
 
 @pytest.fixture(scope="module")
-def mlp(digits, kit):
-    x, y = torch.as_tensor(digits["train_x"]), torch.as_tensor(digits["train_y"])
-    torch.manual_seed(0)
-    model = kit.fit_lbfgs(kit.mlp_factory()(), x, y, 1e-3)
-    return kit.make_context(kit.mlp_factory(), [kit.snapshot(model, 0, 1, 1.0)],
-                            digits["train_x"], digits["train_y"], digits["test_x"][:40],
-                            digits["test_y"][:40], 1e-3)
+def mlp(lbfgs_mlp):
+    return lbfgs_mlp
 
 
 def test_equals_the_dense_formula(mlp) -> None:
@@ -130,15 +84,8 @@ def test_positive_spearman_with_leave_one_out(logistic, capsys) -> None:
     assert rho > 0.5
 
 
-def test_duplicated_mislabeled_sample_scores_negative(digits, kit) -> None:
-    x, y = digits["train_x"], digits["train_y"]
-    threes = np.flatnonzero(y == 0)
-    typical = threes[np.argmin(((x[threes] - x[threes].mean(0)) ** 2).sum(1))]
-    x = np.concatenate([np.delete(x, typical, 0), np.repeat(x[typical : typical + 1], COPIES, 0)])
-    y = np.concatenate([np.delete(y, typical), np.full(COPIES, 1)])
-    model = kit.fit_lbfgs(kit.linear_factory()(), torch.as_tensor(x), torch.as_tensor(y), LAM)
-    ctx = kit.make_context(kit.linear_factory(), [kit.snapshot(model, 0, 1, 1.0)], x, y,
-                           digits["test_x"], digits["test_y"], LAM)
+def test_duplicated_mislabeled_sample_scores_negative(mislabeled_case) -> None:
+    ctx = mislabeled_case("linear", COPIES, LAM)
     attribution = DataInf().score(ctx)
     bad = np.isin(attribution.sample_ids, ctx.train_ids[-COPIES:])
     assert (attribution.score[bad] < 0).all(), attribution.score[bad]
@@ -146,14 +93,8 @@ def test_duplicated_mislabeled_sample_scores_negative(digits, kit) -> None:
     assert np.isin(ranking[: COPIES + 3], np.flatnonzero(bad)).sum() == COPIES
 
 
-def test_pairwise_columns_sum_to_the_summed_target_score(mlp) -> None:
-    estimator = DataInf()
-    train_ids, target_ids, matrix = estimator.pairwise(mlp)
-    summed = estimator.score(mlp)
-    assert matrix.shape == (len(mlp.train_ids), 40)
-    np.testing.assert_array_equal(target_ids, np.arange(40))
-    np.testing.assert_array_equal(train_ids, summed.sample_ids)
-    np.testing.assert_allclose(matrix.sum(axis=1), summed.score, rtol=1e-8, atol=1e-10)
+def test_pairwise_columns_sum_to_the_summed_target_score(mlp, kit) -> None:
+    kit.assert_pairwise_sums_to_score(DataInf(), mlp, n_targets=40)
 
 
 def test_suspicion_limit_and_projected_gradients(mlp) -> None:

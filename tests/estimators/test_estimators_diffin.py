@@ -31,22 +31,7 @@ SHORT = {"epochs": 3, "lr": 0.05}  # t * eta * lambda_max(H) <= 0.2: the expansi
 LONG = {"epochs": 30, "lr": 0.05}  # t * eta * lambda_max(H) ~ 1: it does not
 
 
-def _grad_and_loss(theta, x, y, w):
-    """Weighted summed cross-entropy of a linear softmax model and its gradient (W then b)."""
-    weight = theta[: CLASSES * FEATURES].reshape(CLASSES, FEATURES)
-    bias = theta[CLASSES * FEATURES :]
-    logits = x @ weight.T + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1))
-    rows = np.arange(len(y))
-    residual = np.exp(logits - log_norm[:, None])
-    residual[rows, y] -= 1
-    residual *= w[:, None]
-    grad_ = np.concatenate([(residual.T @ x).ravel(), residual.sum(axis=0)])
-    return grad_, float(w @ (log_norm - logits[rows, y]))
-
-
-def _sgd(x, y, epochs, lr, removed=None):
+def _sgd(kit, x, y, epochs, lr, removed=None):
     """Plain SGD (momentum 0) on mean CE + (LAM/2)||theta||^2, cosine lr over T steps, zero init.
 
     Returns the final theta and M checkpoints (step, lr of that step, mean lr since the previous
@@ -66,7 +51,7 @@ def _sgd(x, y, epochs, lr, removed=None):
             w = np.full(len(batch), 1.0 / BATCH)
             if removed is not None:
                 w[batch == removed] = 0.0
-            g, _ = _grad_and_loss(theta, x[batch], y[batch], w)
+            _, g = kit.softmax_loss_and_grad(theta, x[batch], y[batch], w)
             theta = theta - eta * (g + LAM * theta)
             if step in marks:
                 since = marks[len(checkpoints) - 1] if checkpoints else 0
@@ -98,18 +83,19 @@ def _context(x, y, tx, ty, checkpoints, seed: int = 0) -> ScoringContext:
     )
 
 
-def _loo_case(digits, epochs: int, lr: float) -> dict:
+def _loo_case(digits, kit, epochs: int, lr: float) -> dict:
     x, y = digits["train_x"], digits["train_y"]
     tx, ty = digits["test_x"], digits["test_y"]
     ones = np.ones(len(ty))
 
     def target_loss(th):
-        return _grad_and_loss(th, tx, ty, ones)[1]
+        return kit.softmax_loss_and_grad(th, tx, ty, ones)[0]
 
-    theta, checkpoints = _sgd(x, y, epochs, lr)
+    theta, checkpoints = _sgd(kit, x, y, epochs, lr)
     removed = np.random.default_rng(1).choice(len(y), size=N_REMOVED, replace=False)
     base = target_loss(theta)
-    delta = np.array([target_loss(_sgd(x, y, epochs, lr, removed=i)[0]) - base for i in removed])
+    retrained = (_sgd(kit, x, y, epochs, lr, removed=i)[0] for i in removed)
+    delta = np.array([target_loss(theta_i) - base for theta_i in retrained])
     ctx = _context(x, y, tx, ty, checkpoints)
     return {"ctx": ctx, "removed": removed, "delta": delta}
 
@@ -127,13 +113,13 @@ def _expansion_size(ctx: ScoringContext) -> float:
 
 
 @pytest.fixture(scope="module")
-def loo_short(digits):
-    return _loo_case(digits, **SHORT)
+def loo_short(digits, kit):
+    return _loo_case(digits, kit, **SHORT)
 
 
 @pytest.fixture(scope="module")
-def loo_long(digits):
-    return _loo_case(digits, **LONG)
+def loo_long(digits, kit):
+    return _loo_case(digits, kit, **LONG)
 
 
 def _spearman(case: dict, **options) -> float:
@@ -309,15 +295,11 @@ def test_deterministic_in_the_seed(mlp_ctx) -> None:
     assert not np.allclose(first, DiffIn(self_influence=False).score(other).score)
 
 
-def test_mislabeled_duplicate_scores_negative(digits, capsys) -> None:
+def test_mislabeled_duplicate_scores_negative(digits, kit, capsys) -> None:
     """The most typical '3' replaced by 3 copies labelled '5', SGD as in the LOO test (short run):
     the first-order variant must call the copies harmful; the faithful variant is printed."""
-    x, y = digits["train_x"], digits["train_y"]
-    threes = np.flatnonzero(y == 0)
-    typical = threes[np.argmin(((x[threes] - x[threes].mean(0)) ** 2).sum(1))]
-    x = np.concatenate([np.delete(x, typical, 0), np.repeat(x[typical : typical + 1], 3, 0)])
-    y = np.concatenate([np.delete(y, typical), np.full(3, 1)])
-    _, checkpoints = _sgd(x, y, **SHORT)
+    x, y = kit.duplicate_mislabeled(digits["train_x"], digits["train_y"], 3)
+    _, checkpoints = _sgd(kit, x, y, **SHORT)
     ctx = _context(x, y, digits["test_x"], digits["test_y"], checkpoints)
     bad = np.arange(len(y) - 3, len(y))
     with_first = DiffIn(include_first_order=True).score(ctx).score

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 from scipy.stats import spearmanr
 from torch import nn
@@ -17,7 +16,6 @@ from estimators.inner_product import InnerProduct
 from estimators.ip_ensemble import IPEnsemble, dropout_masks, norm_and_bias_parameters
 
 LAM = 1e-2
-CLASSES = 3
 N_REMOVED = 60
 
 
@@ -120,47 +118,10 @@ def test_errors() -> None:
         IPEnsemble(p_max=1.0)
 
 
-def _loss_and_grad(theta, x, y):
-    features = x.shape[1]
-    w, b = theta[: CLASSES * features].reshape(CLASSES, features), theta[CLASSES * features :]
-    logits = x @ w.T + b
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1))
-    rows = np.arange(len(y))
-    residual = np.exp(logits - log_norm[:, None])
-    residual[rows, y] -= 1
-    return float((log_norm - logits[rows, y]).sum()), np.concatenate(
-        [(residual.T @ x).ravel(), residual.sum(axis=0)]
-    )
-
-
-def test_positive_spearman_with_leave_one_out(digits, kit, capsys) -> None:
+def test_positive_spearman_with_leave_one_out(loo_case, capsys) -> None:
     """L2 logistic regression fitted by L-BFGS (numpy/scipy), n=300, 60 LOO retrains."""
-    x, y = digits["train_x"], digits["train_y"]
-    tx, ty = digits["test_x"], digits["test_y"]
-    n, features = x.shape
-
-    def fit(theta0, keep):
-        def objective(theta):
-            loss, g = _loss_and_grad(theta, x[keep], y[keep])
-            return loss / n + LAM / 2 * theta @ theta, g / n + LAM * theta
-
-        return scipy.optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                                       options={"maxiter": 10_000, "ftol": 1e-16,
-                                                "gtol": 1e-10}).x
-
-    theta = fit(np.zeros(CLASSES * (features + 1)), np.arange(n))
-    removed = np.random.default_rng(1).choice(n, size=N_REMOVED, replace=False)
-    base = _loss_and_grad(theta, tx, ty)[0]
-    delta = np.array(
-        [_loss_and_grad(fit(theta, np.delete(np.arange(n), i)), tx, ty)[0] - base for i in removed]
-    )
-    model = kit.linear_factory(features, CLASSES)()
-    with torch.no_grad():
-        model.weight.copy_(torch.from_numpy(theta[: CLASSES * features].reshape(CLASSES, -1)))
-        model.bias.copy_(torch.from_numpy(theta[CLASSES * features :]))
-    ctx = kit.make_context(kit.linear_factory(features, CLASSES),
-                           [kit.snapshot(model, 0, 1, 1.0)], x, y, tx, ty, LAM)
+    case = loo_case(N_REMOVED, lam=LAM)
+    ctx, removed, delta, n = case["ctx"], case["removed"], case["delta"], case["n"]
     ens = IPEnsemble().score(ctx).score[removed]
     ip = InnerProduct().score(ctx).score[removed]
     rho, rho_ip = spearmanr(ens, delta)[0], spearmanr(ip, delta)[0]

@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 from scipy.stats import pearsonr, spearmanr
 
@@ -28,7 +27,6 @@ from estimators.iterative_influence import (
 
 LAM = 1e-2
 N_REMOVED = 60
-CLASSES = 3
 ESTIMATORS = {
     "if_cg": ConjugateGradientInfluence,
     "if_lissa": LissaInfluence,
@@ -36,63 +34,10 @@ ESTIMATORS = {
 }
 
 
-def _loss_and_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray):
-    """Weighted summed cross-entropy of a linear softmax model and its gradient (W then b)."""
-    features = x.shape[1]
-    w, b = theta[: CLASSES * features].reshape(CLASSES, features), theta[CLASSES * features :]
-    logits = x @ w.T + b
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1))
-    rows = np.arange(len(y))
-    residual = np.exp(logits - log_norm[:, None])
-    residual[rows, y] -= 1
-    residual *= weights[:, None]
-    grad = np.concatenate([(residual.T @ x).ravel(), residual.sum(axis=0)])
-    return float(weights @ (log_norm - logits[rows, y])), grad
-
-
-def _fit(theta0: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    n = len(y)
-
-    def objective(theta: np.ndarray):
-        loss, grad = _loss_and_grad(theta, x, y, weights)
-        return loss / n + LAM / 2 * theta @ theta, grad / n + LAM * theta
-
-    options = {"maxiter": 10_000, "maxcor": 30, "ftol": 1e-16, "gtol": 1e-10}
-    result = scipy.optimize.minimize(
-        objective, theta0, jac=True, method="L-BFGS-B", options=options
-    )
-    assert np.abs(objective(result.x)[1]).max() < 1e-8, "L-BFGS did not converge"
-    return result.x
-
-
 @pytest.fixture(scope="module")
-def convex(digits, kit):
+def convex(loo_case):
     """The fitted model, its scoring context, a 20-target context and the LOO truth."""
-    x, y = digits["train_x"], digits["train_y"]
-    tx, ty = digits["test_x"], digits["test_y"]
-    n, features = x.shape
-    theta = _fit(np.zeros(CLASSES * (features + 1)), x, y, np.ones(n))
-
-    def target_loss(th: np.ndarray) -> float:
-        return _loss_and_grad(th, tx, ty, np.ones(len(ty)))[0]
-
-    removed = np.random.default_rng(1).choice(n, size=N_REMOVED, replace=False)
-    delta = np.empty(N_REMOVED)
-    for k, i in enumerate(removed):
-        weights = np.ones(n)
-        weights[i] = 0.0
-        delta[k] = target_loss(_fit(theta, x, y, weights)) - target_loss(theta)
-
-    factory = kit.linear_factory(features, CLASSES)
-    model = factory()
-    with torch.no_grad():
-        model.weight.copy_(torch.from_numpy(theta[: CLASSES * features].reshape(CLASSES, -1)))
-        model.bias.copy_(torch.from_numpy(theta[CLASSES * features :]))
-    ckpt = kit.snapshot(model, index=0, step=1, lr=1.0)
-    ctx = kit.make_context(factory, [ckpt], x, y, tx, ty, LAM)
-    few = kit.make_context(factory, [ckpt], x, y, tx[:20], ty[:20], LAM)
-    return {"ctx": ctx, "few": few, "removed": removed, "delta": delta, "cache": {}}
+    return {**loo_case(N_REMOVED, lam=LAM), "cache": {}}
 
 
 def _attribution(convex, name: str, **options) -> Attribution:
@@ -177,22 +122,9 @@ def test_lissa_divergence_raises(convex) -> None:
         LissaInfluence(scale=0.05, depth=200).score(convex["few"])
 
 
-def test_mlp_ggn_solvers_match_exact(digits, kit) -> None:
+def test_mlp_ggn_solvers_match_exact(lbfgs_mlp) -> None:
     """Non-convex model (d=307): CG and full-rank Arnoldi on the damped GGN equal Cholesky."""
-    torch.manual_seed(0)
-    factory = kit.mlp_factory()
-    x, y = torch.from_numpy(digits["train_x"]), torch.from_numpy(digits["train_y"])
-    model = kit.fit_lbfgs(factory(), x, y, 1e-3)
-    ckpt = kit.snapshot(model, index=0, step=1, lr=1.0)
-    ctx = kit.make_context(
-        factory,
-        [ckpt],
-        digits["train_x"],
-        digits["train_y"],
-        digits["test_x"][:40],
-        digits["test_y"][:40],
-        1e-3,
-    )
+    ctx = lbfgs_mlp
     exact = ExactInfluence().score(ctx).score
     cg = ConjugateGradientInfluence(maxiter=500).score(ctx).score
     arnoldi = ArnoldiInfluence(n_iter=307, rank=307).score(ctx).score

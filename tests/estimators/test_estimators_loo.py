@@ -11,75 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.optimize
-import torch
 from scipy.stats import pearsonr, spearmanr
 
 from estimators import make_estimator
 
 LAM = 1e-2
 N_REMOVED = 120
-CLASSES = 3
-
-
-def _loss_and_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray):
-    """Weighted summed cross-entropy of a linear softmax model and its gradient (W then b)."""
-    features = x.shape[1]
-    w, b = theta[: CLASSES * features].reshape(CLASSES, features), theta[CLASSES * features :]
-    logits = x @ w.T + b
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1))
-    rows = np.arange(len(y))
-    loss = log_norm - logits[rows, y]
-    residual = np.exp(logits - log_norm[:, None])
-    residual[rows, y] -= 1
-    residual *= weights[:, None]
-    grad = np.concatenate([(residual.T @ x).ravel(), residual.sum(axis=0)])
-    return float(weights @ loss), grad
-
-
-def _fit(theta0: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    n = len(y)
-
-    def objective(theta: np.ndarray):
-        loss, grad = _loss_and_grad(theta, x, y, weights)
-        return loss / n + LAM / 2 * theta @ theta, grad / n + LAM * theta
-
-    result = scipy.optimize.minimize(
-        objective,
-        theta0,
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": 10_000, "maxcor": 30, "ftol": 1e-16, "gtol": 1e-10},
-    )
-    assert np.abs(objective(result.x)[1]).max() < 1e-8, "L-BFGS did not converge"
-    return result.x
 
 
 @pytest.fixture(scope="module")
-def loo(digits, kit):
-    x, y = digits["train_x"], digits["train_y"]
-    tx, ty = digits["test_x"], digits["test_y"]
-    n, features = x.shape
-    theta = _fit(np.zeros(CLASSES * (features + 1)), x, y, np.ones(n))
-
-    def target_loss(th: np.ndarray) -> float:
-        return _loss_and_grad(th, tx, ty, np.ones(len(ty)))[0]
-
-    removed = np.random.default_rng(1).choice(n, size=N_REMOVED, replace=False)
-    delta = np.empty(N_REMOVED)
-    for k, i in enumerate(removed):
-        weights = np.ones(n)
-        weights[i] = 0.0
-        delta[k] = target_loss(_fit(theta, x, y, weights)) - target_loss(theta)
-
-    model = kit.linear_factory(features, CLASSES)()
-    with torch.no_grad():
-        model.weight.copy_(torch.from_numpy(theta[: CLASSES * features].reshape(CLASSES, -1)))
-        model.bias.copy_(torch.from_numpy(theta[CLASSES * features :]))
-    ckpt = kit.snapshot(model, index=0, step=1, lr=1.0)
-    ctx = kit.make_context(kit.linear_factory(features, CLASSES), [ckpt], x, y, tx, ty, LAM)
-    return {"ctx": ctx, "removed": removed, "delta": delta, "n": n}
+def loo(loo_case):
+    return loo_case(N_REMOVED, lam=LAM)
 
 
 def _scores_at_removed(loo, name: str, **options) -> np.ndarray:

@@ -14,7 +14,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
@@ -26,95 +25,21 @@ from estimators.trak import TRAK, margin_gradients, margins
 
 LAM = 1e-2
 N_REMOVED = 60
-CLASSES = 3
 COPIES = 3
 
 
-def _loss_and_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray):
-    """Weighted summed cross-entropy of a linear softmax model and its gradient (W then b)."""
-    features = x.shape[1]
-    w, b = theta[: CLASSES * features].reshape(CLASSES, features), theta[CLASSES * features :]
-    logits = x @ w.T + b
-    logits -= logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits).sum(axis=1))
-    rows = np.arange(len(y))
-    residual = np.exp(logits - log_norm[:, None])
-    residual[rows, y] -= 1
-    residual *= weights[:, None]
-    grad = np.concatenate([(residual.T @ x).ravel(), residual.sum(axis=0)])
-    return float(weights @ (log_norm - logits[rows, y])), grad
-
-
-def _fit(theta0: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    n = len(y)
-
-    def objective(theta: np.ndarray):
-        loss, grad = _loss_and_grad(theta, x, y, weights)
-        return loss / n + LAM / 2 * theta @ theta, grad / n + LAM * theta
-
-    options = {"maxiter": 10_000, "maxcor": 30, "ftol": 1e-16, "gtol": 1e-10}
-    result = scipy.optimize.minimize(
-        objective, theta0, jac=True, method="L-BFGS-B", options=options
-    )
-    assert np.abs(objective(result.x)[1]).max() < 1e-8, "L-BFGS did not converge"
-    return result.x
-
-
 @pytest.fixture(scope="module")
-def convex(digits, kit):
+def convex(loo_case):
     """The fitted model's scoring context, a 20-target context and the LOO truth."""
-    x, y = digits["train_x"], digits["train_y"]
-    tx, ty = digits["test_x"], digits["test_y"]
-    n, features = x.shape
-    theta = _fit(np.zeros(CLASSES * (features + 1)), x, y, np.ones(n))
-
-    def target_loss(th: np.ndarray) -> float:
-        return _loss_and_grad(th, tx, ty, np.ones(len(ty)))[0]
-
-    removed = np.random.default_rng(1).choice(n, size=N_REMOVED, replace=False)
-    delta = np.empty(N_REMOVED)
-    for k, i in enumerate(removed):
-        weights = np.ones(n)
-        weights[i] = 0.0
-        delta[k] = target_loss(_fit(theta, x, y, weights)) - target_loss(theta)
-
-    factory = kit.linear_factory(features, CLASSES)
-    model = factory()
-    with torch.no_grad():
-        model.weight.copy_(torch.from_numpy(theta[: CLASSES * features].reshape(CLASSES, -1)))
-        model.bias.copy_(torch.from_numpy(theta[CLASSES * features :]))
-    ckpt = kit.snapshot(model, index=0, step=1, lr=1.0)
-    ctx = kit.make_context(factory, [ckpt], x, y, tx, ty, LAM)
-    few = kit.make_context(factory, [ckpt], x, y, tx[:20], ty[:20], LAM)
-    return {"ctx": ctx, "few": few, "removed": removed, "delta": delta, "model": model}
-
-
-def _train_mlp(kit, x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 40, hidden: int = 16):
-    """A 15-hidden-3 tanh MLP by minibatch SGD with weight decay; checkpoints every 10 epochs."""
-    torch.manual_seed(seed)
-    factory = kit.mlp_factory(hidden=hidden)
-    model = factory()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    checkpoints, step = [], 0
-    for epoch in range(epochs):
-        for batch in torch.randperm(len(y), generator=gen).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(tx[batch]), ty[batch]).backward()
-            opt.step()
-            step += 1
-        if epoch % 10 == 9:
-            checkpoints.append(kit.snapshot(model, index=len(checkpoints), step=step, lr=0.1))
-    return factory, checkpoints
+    return loo_case(N_REMOVED, lam=LAM)
 
 
 @pytest.fixture(scope="module")
 def mlp(digits, kit):
     """Two independently trained MLPs (d=307 > k_eff=150, so TRAK projects)."""
     x, y = digits["train_x"], digits["train_y"]
-    factory, first = _train_mlp(kit, x, y, seed=0)
-    _, second = _train_mlp(kit, x, y, seed=1)
+    factory, first = kit.train_mlp(x, y, seed=0)
+    _, second = kit.train_mlp(x, y, seed=1)
     ctx = kit.make_context(factory, first, x, y, digits["test_x"][:40], digits["test_y"][:40])
     return {"ctx": ctx, "second": second}
 
@@ -139,22 +64,10 @@ def test_positive_spearman_with_leave_one_out(convex, options, capsys) -> None:
 
 
 @pytest.mark.parametrize("model_kind", ["linear", "mlp"])
-def test_mislabeled_duplicates_score_negative(digits, kit, model_kind, capsys) -> None:
+def test_mislabeled_duplicates_score_negative(mislabeled_case, model_kind, capsys) -> None:
     """The most typical '3' replaced by COPIES copies labelled '5' must be harmful to the test
     margin, and rank among the most suspect (TRAK self-influence)."""
-    x, y = digits["train_x"], digits["train_y"]
-    threes = np.flatnonzero(y == 0)
-    typical = threes[np.argmin(((x[threes] - x[threes].mean(0)) ** 2).sum(1))]
-    x = np.concatenate([np.delete(x, typical, 0), np.repeat(x[typical : typical + 1], COPIES, 0)])
-    y = np.concatenate([np.delete(y, typical), np.full(COPIES, 1)])
-    if model_kind == "linear":
-        factory = kit.linear_factory()
-        torch.manual_seed(0)
-        model = kit.fit_lbfgs(factory(), torch.from_numpy(x), torch.from_numpy(y), 1e-2)
-        checkpoints = [kit.snapshot(model, index=0, step=1, lr=1.0)]
-    else:
-        factory, checkpoints = _train_mlp(kit, x, y, seed=0)
-    ctx = kit.make_context(factory, checkpoints, x, y, digits["test_x"], digits["test_y"])
+    ctx = mislabeled_case(model_kind, COPIES, 0.0)
     attribution = TRAK().score(ctx)
     bad = np.isin(attribution.sample_ids, ctx.train_ids[-COPIES:])
     ranking = np.argsort(-attribution.suspicion, kind="stable")
