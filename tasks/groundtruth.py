@@ -64,8 +64,14 @@ def data_fingerprint(work: Workload) -> str:
     return h.hexdigest()
 
 
+# Bump when what a retrain means changes (the cache key must then change with it).
+# 2: same initialization, data order and schedule, removed samples dropped from their batches.
+RETRAIN_PROTOCOL = 2
+
+
 def retrain_key(config: Config, fingerprint: str, removed: tuple[int, ...], seed: int) -> str:
     spec = {
+        "protocol": RETRAIN_PROTOCOL,
         "model": config.model.model_dump(mode="json"),
         "train": config.train.model_dump(mode="json", exclude={"checkpoints", "models"}),
         "data": fingerprint,
