@@ -20,7 +20,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
 from estimators.per_sample import parameter_order, per_sample_gradients
@@ -77,16 +76,7 @@ def target_row_gradients(
         raise ValueError(
             f"target {target.name!r} is not a sum over rows; single-row attributions are undefined"
         )
-    names = parameter_order(model)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def cost_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return target.cost(out, yi.unsqueeze(0))
-
-    grads = vmap(grad(cost_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
-    return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
+    return per_sample_gradients(model, x, y, chunk_size=chunk_size, cost=target.cost)
 
 
 class IPEnsemble(Estimator):

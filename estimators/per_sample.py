@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,19 +25,25 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
 
 
 def per_sample_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk_size: int = 256,
+    cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Gradients of ``cross_entropy(model(x_i), y_i)`` for every i: shape (n, d), model's dtype.
+    """Gradients of ``cost(model(x_i), y_i)`` for every i: shape (n, d), model's dtype.
 
+    ``cost`` maps one row's logits (1, C) and label (1,) to a scalar (default: cross-entropy).
     The model should be in eval mode (dropout off, BatchNorm on running statistics).
     """
+    cost = cost or F.cross_entropy
     names = parameter_order(model)
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def loss_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(out, yi.unsqueeze(0))
+        return cost(out, yi.unsqueeze(0))
 
     # slices of chunk_size rows, each one plain vmap call: vmap's own chunk_size option is
     # ~1.7x slower on small MLPs (measured in benchmarks.speed)
