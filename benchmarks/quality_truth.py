@@ -50,7 +50,7 @@ class GroundTruth:
 
 def load_ground_truth(store_root: str, run_id: str) -> GroundTruth:
     """The retrain outcomes a finished ``sieve evaluate`` run was judged against."""
-    from tasks.evaluation import plan_retrains
+    from tasks.evaluation import lds_truth, plan_retrains
     from tasks.groundtruth import data_fingerprint, outcome_path, read_outcome, retrain_key
     from tasks.score import pairwise_targets
     from tasks.workload import load_workload
@@ -81,14 +81,7 @@ def load_ground_truth(store_root: str, run_id: str) -> GroundTruth:
     loo_ids = np.array(sorted(loo), dtype=np.int64)
 
     target_ids = pairwise_targets(config, work.samples.sample_id[work.rows("test")])
-    subsets = sorted({int(r.label) for r in by_role["lds"]})
-    membership = np.zeros((len(subsets), len(train_ids)), dtype=bool)
-    margins = np.zeros((len(subsets), len(target_ids)))
-    for j in subsets:
-        runs = [r for r in by_role["lds"] if int(r.label) == j]
-        membership[j] = ~np.isin(train_ids, runs[0].removed)
-        margins[j] = np.mean([outcomes[(r.removed, r.seed)].margins(target_ids) for r in runs],
-                             axis=0)
+    membership, margins = lds_truth(by_role["lds"], outcomes, train_ids, target_ids)
 
     random_accuracy: dict[float, list[float]] = defaultdict(list)
     for r in by_role["random"]:

@@ -178,6 +178,22 @@ def _attribution_matrix(run: RunPaths, name: str, train_ids: np.ndarray,
     return matrix
 
 
+def lds_truth(
+    lds_runs: list[Retrain], outcomes: dict, train_ids: np.ndarray, target_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """LDS ground truth: which training samples each subset kept, (M, n) bool over the sorted
+    ``train_ids``, and each target's margin after retraining on it, (M, T), mean over seeds."""
+    subsets = sorted({int(r.label) for r in lds_runs})
+    membership = np.zeros((len(subsets), len(train_ids)), dtype=bool)
+    margins = np.zeros((len(subsets), len(target_ids)))
+    for j in subsets:
+        runs = [r for r in lds_runs if int(r.label) == j]
+        membership[j] = ~np.isin(train_ids, runs[0].removed)
+        margins[j] = np.mean([outcomes[(r.removed, r.seed)].margins(target_ids) for r in runs],
+                             axis=0)
+    return membership, margins
+
+
 @task(name="evaluation", cache_policy=NO_CACHE)
 def evaluation_stage(
     run: RunPaths, config: Config, tracking: Tracking, plan: list[Retrain],
@@ -200,15 +216,8 @@ def evaluation_stage(
     loo_ids = np.array(sorted(loo))
     loo_delta = np.array([np.mean(loo[i]) for i in loo_ids])
 
-    subsets = sorted({int(r.label) for r in by_role["lds"]})
     target_ids = _lds_targets(run, config)
-    membership = np.zeros((len(subsets), len(train_ids)), dtype=bool)
-    margins = np.zeros((len(subsets), len(target_ids)))
-    for j in subsets:
-        runs = [r for r in by_role["lds"] if int(r.label) == j]
-        membership[j] = ~np.isin(train_ids, runs[0].removed)
-        margins[j] = np.mean([outcomes[(r.removed, r.seed)].margins(target_ids) for r in runs],
-                             axis=0)
+    membership, margins = lds_truth(by_role["lds"], outcomes, train_ids, target_ids)
 
     accuracy = defaultdict(list)
     for r in by_role["pruned"] + by_role["random"] + by_role["full"]:
@@ -225,7 +234,7 @@ def evaluation_stage(
         at = np.searchsorted(ids, loo_ids)
         row["loo_pearson"], row["loo_spearman"] = loo_correlation(score[at], loo_delta)
         matrix = _attribution_matrix(run, name, train_ids, target_ids)
-        if matrix is not None and len(subsets) >= 3:
+        if matrix is not None and len(membership) >= 3:
             row["lds"], row["lds_low"], row["lds_high"] = mean_ci(
                 lds(matrix, membership, margins))
         if lookup is not None:
