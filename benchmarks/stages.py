@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +23,11 @@ import torch
 
 from benchmarks._measure import one_line, peak_rss_mib, release_memory, reset_peak, rss_mib
 from storage.store import RunPaths
+from storage.stored_gradients import StoredGradients
 from tasks.config import Config, load_config
 
 Body = Callable[[], dict[str, Any]]
 TARGET = "val_loss"
-
-
-class ShardGradients:
-    """The scoring stage's gradient source over the run's Parquet shards, read shard by shard
-    with ``storage.gradient_shards.read_gradient_shard`` (as ``tasks.score.StoredGradients``,
-    which is not imported here because its module imports Prefect)."""
-
-    def __init__(self, run: RunPaths, target_split: str) -> None:
-        self.run, self.target_split = run, target_split
-
-    def _paths(self, checkpoint: int, split: str) -> list[Path]:
-        from storage.gradient_shards import complete_shards
-
-        paths = complete_shards(self.run.gradients_dir(checkpoint, split))
-        if not paths:
-            raise FileNotFoundError(f"no gradient shards for checkpoint {checkpoint}, {split}")
-        return paths
-
-    def train_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        from storage.gradient_shards import read_gradient_shard
-
-        for path in self._paths(checkpoint, "train"):
-            yield read_gradient_shard(path)
-
-    def target(self, checkpoint: int) -> torch.Tensor:
-        return self.target_rows(checkpoint)[1].to(torch.float64).sum(0)
-
-    def target_rows(self, checkpoint: int) -> tuple[np.ndarray, torch.Tensor]:
-        from storage.gradient_shards import read_gradient_shard
-
-        parts = [read_gradient_shard(p) for p in self._paths(checkpoint, self.target_split)]
-        return np.concatenate([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def stage_data(run: RunPaths, config: Config, opts: dict) -> Body:
@@ -190,7 +159,7 @@ def stage_score(name: str) -> Callable[[RunPaths, Config, dict], Body]:
             model_factory=work.factory, checkpoints=[checkpoint(r) for r in records],
             train_ids=work.samples.sample_id[train], train_x=work.x[train],
             train_y=work.y[train], target_x=work.x[target], target_y=work.y[target],
-            gradients=ShardGradients(run, config.targets.split),
+            gradients=StoredGradients(run, config.targets.split),
             weight_decay=config.train.weight_decay, seed=config.seed,
             target_ids=work.samples.sample_id[target], batch_size=config.train.batch_size,
         )
