@@ -123,7 +123,7 @@ def build_naive(setup: Setup) -> Callable[[], torch.Tensor]:
     return run
 
 
-SIEVE = "Sieve per_sample_gradients (torch.func vmap)"
+SIEVE = "Sieve per_sample_gradients (layerwise closed form)"
 NAIVE = "naive loop (autograd.grad per sample)"
 SIEVE_PROJECTED = "Sieve per_sample_gradients + Projector (k)"
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from estimators.base import Checkpoint, ScoringContext
 from estimators.per_sample import per_sample_gradients
-from estimators.targets import SummedLoss
+from estimators.targets import SummedLoss, Target
 
 
 class InMemoryGradients:
@@ -99,13 +99,16 @@ class InMemoryGradients:
         chunk_size: int = 256,
         device: torch.device | str = "cpu",
         target_ids: np.ndarray | None = None,
+        target: Target | None = None,
     ) -> InMemoryGradients:
-        """Per-sample cross-entropy gradients of the train and target rows and the summed target
-        gradient, at every checkpoint, with the model in eval mode (no weight-decay term in the
-        gradients). Rows have the model's dtype."""
+        """Per-sample cross-entropy gradients of the train rows, per-row gradients of the target
+        rows and the target gradient grad U (``target``, default the summed loss), at every
+        checkpoint, with the model in eval mode (no weight-decay term in the gradients). Rows
+        have the model's dtype. A target that is not a sum over rows has no per-row gradients."""
+        target = target or SummedLoss()
         train_grads: dict[int, torch.Tensor] = {}
         target_grads: dict[int, torch.Tensor] = {}
-        target_rows: dict[int, torch.Tensor] = {}
+        target_rows: dict[int, torch.Tensor] | None = {} if target.decomposable else None
         for ckpt in checkpoints:
             model = model_factory().to(device)
             model.load_state_dict(ckpt.load())
@@ -113,10 +116,12 @@ class InMemoryGradients:
             train_grads[ckpt.index] = per_sample_gradients(
                 model, train_x.to(device), train_y.to(device), chunk_size=chunk_size
             )
-            target_rows[ckpt.index] = per_sample_gradients(
-                model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
-            )
-            target_grads[ckpt.index] = summed_loss_gradient(
+            if target_rows is not None:
+                target_rows[ckpt.index] = per_sample_gradients(
+                    model, target_x.to(device), target_y.to(device), chunk_size=chunk_size,
+                    cost=target.cost,
+                )
+            target_grads[ckpt.index] = target.gradient(
                 model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
             )
         return cls(train_ids, train_grads, target_grads, shard_size=shard_size,
@@ -141,6 +146,7 @@ class InMemoryGradients:
             shard_size=shard_size,
             device=ctx.device,
             target_ids=ctx.target_ids,
+            target=ctx.target,
         )
 
 

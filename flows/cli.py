@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.command(args, store)
     except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        reason = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # always one line
+        print(f"error: {reason}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.epochs=10")
     run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    _add_output_flags(run)
     run.set_defaults(command=cmd_run)
 
     query = sub.add_parser("query", parents=[common], help="SQL over a run's tables (DuckDB)")
@@ -57,11 +59,30 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config key, e.g. --set model.name=logreg")
     evaluate.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted evaluation")
+    _add_output_flags(evaluate)
     evaluate.set_defaults(command=cmd_evaluate)
 
     runs = sub.add_parser("runs", parents=[common], help="list the store's runs")
     runs.set_defaults(command=cmd_runs)
+
+    serve = sub.add_parser("serve", parents=[common],
+                           help="Prefect server + MLflow UI, and the flows' deployments")
+    serve.add_argument("-c", "--config", help="YAML config: deployments' defaults, serve.*")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set serve.prefect_port=4300")
+    serve.add_argument("--host", help="address the servers bind (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--prefect-port", type=int, help="default: serve.prefect_port, 4200")
+    serve.add_argument("--mlflow-port", type=int, help="default: serve.mlflow_port, 5000")
+    serve.set_defaults(command=cmd_serve)
     return parser
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only the run id (stdout) and errors (stderr)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (run id, store, report, summary rows) on "
+                             "stdout; errors only on stderr")
 
 
 def _config_and_run_id(args: argparse.Namespace, store: Store):
@@ -69,10 +90,11 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
     from flows.environment import configure
 
     configure(store.root)  # before anything imports Prefect: it reads its settings then
+    from storage.checkpoints import read_checkpoint_index, verify_checkpoints
     from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight
 
-    if args.resume:
+    if args.resume is not None:  # --resume '' is a bad id, not a new run
         if args.config or args.set:
             raise BadInput("--resume continues a run with its own config; drop -c/--set")
         run = store.existing_run(args.resume)
@@ -82,6 +104,8 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
         run_id = args.resume
         if not run.samples.exists():
             preflight(config)
+        if run.checkpoint_index.exists():  # a damaged checkpoint is refused before any work
+            verify_checkpoints(read_checkpoint_index(run.checkpoints_dir))
     else:
         config = load_config(args.config, args.set)
         run_id = store.new_run_id()
@@ -92,16 +116,46 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
 def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     """Validate, then run flow ``flow_name`` (pipeline or evaluate) and print its table."""
     config, run_id = _config_and_run_id(args, store)
+    if config.multistage is not None:
+        flow_name = _multistage_flow(config, flow_name)
     from flows import report
+    from flows.environment import start_local_api
     from flows.evaluate import evaluate
+    from flows.multistage import multistage
     from flows.pipeline import pipeline
+    from flows.runner import with_runner
 
     flow, show = {"pipeline": (pipeline, report.print_run_summary),
-                  "evaluate": (evaluate, report.print_evaluation)}[flow_name]
+                  "evaluate": (evaluate, report.print_evaluation),
+                  "multistage": (multistage, report.print_multistage)}[flow_name]
+    flow = with_runner(flow, config)
+    from flows.json_summary import summary_json
+    from flows.terminal import flow_output
+
+    if args.quiet and not args.json:
+        print(run_id, flush=True)
     started = time.perf_counter()
-    summary = flow(config=config, store=str(store.root), run_id=run_id, resume=bool(args.resume))
-    show(summary, config, time.perf_counter() - started)
+    with flow_output(quiet=args.quiet or args.json):
+        start_local_api()  # a store's concurrent runs must not create Prefect's database at once
+        summary = flow(config=config, store=str(store.root), run_id=run_id,
+                       resume=args.resume is not None)
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(summary_json(summary, seconds), flush=True)
+    elif not args.quiet:
+        show(summary, config, seconds)
     return 0
+
+
+def _multistage_flow(config, flow_name: str) -> str:
+    """A config with a ``multistage:`` section runs the multistage flow (``sieve run`` only)."""
+    if flow_name != "pipeline":
+        raise BadInput("a multistage config runs with `sieve run` (its validate stage is the "
+                       "evaluation)")
+    from tasks.multistage import preflight_multistage
+
+    preflight_multistage(config)
+    return "multistage"
 
 
 def cmd_run(args: argparse.Namespace, store: Store) -> int:
@@ -115,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace, store: Store) -> int:
 def cmd_query(args: argparse.Namespace, store: Store) -> int:
     from storage.views import format_rows, open_run, run_query
 
-    run = store.existing_run(args.run) if args.run else store.latest_run()
+    run = store.existing_run(args.run) if args.run is not None else store.latest_run()
     with open_run(run) as con:
         columns, rows = run_query(con, args.sql)
     print(format_rows(columns, rows, args.format))
@@ -127,6 +181,12 @@ def cmd_runs(args: argparse.Namespace, store: Store) -> int:
 
     print_runs(store)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, store: Store) -> int:
+    from flows.serve import serve
+
+    return serve(store, args.config, args.set, args.host, args.prefect_port, args.mlflow_port)
 
 
 if __name__ == "__main__":

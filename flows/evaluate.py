@@ -15,6 +15,7 @@ from storage.store import Store
 from tasks.config import Config
 from tasks.evaluation import evaluation_stage, groundtruth_stage, plan_retrains
 from tasks.gradients import gradients_stage
+from tasks.html_report import report_stage
 from tasks.score import score_stage
 from tasks.train import prepare_samples, train_stage
 
@@ -25,6 +26,7 @@ class EvaluationSummary:
     store: str
     mlflow_run_id: str
     table: dict[str, dict[str, float]] = field(default_factory=dict)
+    report: str | None = None  # runs/<run_id>/report.html
 
 
 def for_evaluation(config: Config) -> Config:
@@ -49,4 +51,5 @@ def evaluate(config: Config, store: str, run_id: str, resume: bool = False) -> E
         plan = plan_retrains(run, config)
         outcomes = groundtruth_stage(run, config, tracking, str(the_store.root), plan)
         table = evaluation_stage(run, config, tracking, plan, outcomes, scored)
-    return EvaluationSummary(run_id, str(the_store.root), tracking.parent_run_id, table)
+        report = report_stage(run, tracking)
+    return EvaluationSummary(run_id, str(the_store.root), tracking.parent_run_id, table, report)

@@ -11,11 +11,14 @@ from flows.run_setup import tracked_run
 from flows.runner import task_runner
 from storage.store import Store
 from tasks.config import Config
+from tasks.deletion import deletion_stage
 from tasks.gradients import gradients_stage
+from tasks.html_report import report_stage
 from tasks.prune import prune_stage
 from tasks.retrain import retrain_stage
 from tasks.score import score_stage
 from tasks.train import prepare_samples, train_stage
+from tasks.utility import attack_stage
 
 
 @dataclass
@@ -27,6 +30,7 @@ class RunSummary:
     mlflow_run_id: str
     estimators: dict[str, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, list[float]] = field(default_factory=dict)
+    report: str | None = None  # runs/<run_id>/report.html
 
 
 @flow(name="sieve-pipeline", log_prints=True, task_runner=task_runner())
@@ -39,9 +43,13 @@ def pipeline(config: Config, store: str, run_id: str, resume: bool = False) -> R
     with tracked_run(config, Store(store), run_id, resume) as (run, tracking):
         prepare_samples(run, config)
         checkpoints = train_stage(run, config, tracking)
+        attack_stage(run, config, tracking, checkpoints)
         gradients_stage(run, config, tracking, checkpoints)
         estimators = score_stage(run, config, tracking, checkpoints)
         removals = prune_stage(run, config, tracking)
         accuracy = retrain_stage(run, config, tracking, removals)
+        for name, row in deletion_stage(run, config, tracking).items():
+            estimators[name] |= row
+        report = report_stage(run, tracking)
     return RunSummary(run_id, str(Store(store).root), tracking.parent_run_id, estimators,
-                      accuracy)
+                      accuracy, report)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from flows.evaluate import EvaluationSummary
+from flows.multistage import MultistageSummary
 from flows.pipeline import RunSummary
+from flows.utility_report import arm_label, print_utility
 from storage.metrics import read_metrics
 from storage.store import Store
 from tasks.config import Config
@@ -51,9 +55,11 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
     n = len(full)
     console.print(
         f"test accuracy %, mean ± sd over {n} seeds: full data {_mean_sd(full)}, "
-        f"random removal of {100 * config.prune.fraction:.0f}% {_mean_sd(random)}"
+        f"{arm_label('random', config)} {_mean_sd(random)}"
     )
+    print_utility(console, summary.store, summary.run_id, config)
     store = summary.store
+    _print_report(console, summary.report)
     console.print(
         "\nnext:\n"
         f"  sieve query --store {store} --run {summary.run_id} "
@@ -61,6 +67,13 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"  mlflow ui --backend-store-uri sqlite:///{store}/mlflow.db   "
         f"(parent run {summary.mlflow_run_id})"
     )
+
+
+def _print_report(console: Console, report: str | None) -> None:
+    """``report: file:///.../runs/<id>/report.html`` (the run's HTML report), when written."""
+    if report:
+        console.print(f"report: {Path(report).as_uri()}", soft_wrap=True, markup=False,
+                      highlight=False)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -89,10 +102,50 @@ def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float)
     rand = summary.table["random_removal"][f"prune_accuracy@{q}"]
     console.print(f"test accuracy: full data {100 * full:.2f}%, random removal of "
                   f"{100 * q:g}% {100 * rand:.2f}%")
+    _print_report(console, summary.report)
     console.print(
         f"\nnext:\n  sieve query --store {summary.store} --run {summary.run_id} "
         "\"select * from evaluation where metric = 'lds' order by value desc\"\n"
         f"  mlflow ui --backend-store-uri sqlite:///{summary.store}/mlflow.db"
+    )
+
+
+def print_multistage(summary: MultistageSummary, config: Config, seconds: float) -> None:
+    """The multistage run table: per arm the finetune test loss after re-pretraining and
+    re-finetuning (mean ± sd over seeds), and per estimator its leave-one-out correlations."""
+    console = _console()
+    arms = summary.arms
+    random = arms.get("random", {}).get("test_loss", [])
+    table = Table(title=f"sieve run {summary.run_id}  multistage, finetune "
+                        f"{config.multistage.finetune}  ({seconds:.0f} s)")
+    for column in ("removed from pretraining", "finetune test loss", "vs random",
+                   "test acc %", "LOO Pearson", "LOO Spearman"):
+        table.add_column(column, justify="left" if column.startswith("removed") else "right")
+    q = f"{100 * config.prune.fraction:g}%"
+    for arm, values in arms.items():
+        loss = values["test_loss"]
+        name = arm.removeprefix("pruned:")
+        row = summary.estimators.get(name, {}) if arm.startswith("pruned:") else {}
+        label = {"full": "nothing (full data)", "random": f"random {q}"}.get(
+            arm, f"most harmful {q} by {name}")
+        table.add_row(
+            label,
+            f"{np.mean(loss):.4f} ± {np.std(loss):.4f}",
+            f"{np.mean(loss) - np.mean(random):+.4f}" if random and arm != "random" else "",
+            _mean_sd(values["test_accuracy"]),
+            _fmt(row.get("loo_pearson")),
+            _fmt(row.get("loo_spearman")),
+        )
+    console.print(table)
+    samples = int(next(iter(summary.estimators.values())).get("loo_samples", 0))
+    if samples:
+        console.print(f"LOO: {samples} pretraining samples removed one at a time, both stages "
+                      "refit; correlation of score with the actual change of the target loss")
+    console.print(
+        f"\nnext:\n  sieve query --store {summary.store} --run {summary.run_id} "
+        "\"select estimator, min(score), avg(score) from scores group by 1\"\n"
+        f"  mlflow ui --backend-store-uri sqlite:///{summary.store}/mlflow.db   "
+        f"(parent run {summary.mlflow_run_id})"
     )
 
 
@@ -103,8 +156,10 @@ def print_runs(store: Store) -> None:
     for run in store.list_runs():
         config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         metrics = read_metrics(run.metrics).to_pylist()
-        order = ["train", "gradients", "score", "prune", "retrain", "groundtruth", "evaluate"]
-        stages = sorted({m["stage"] for m in metrics}, key=order.index)
+        order = ["train", "pretrain", "finetune", "gradients", "score", "prune", "retrain",
+                 "groundtruth", "evaluate", "validate"]
+        stages = sorted({m["stage"] for m in metrics},
+                        key=lambda s: (order.index(s) if s in order else len(order), s))
         aucs = [m["value"] for m in metrics if m["name"] == "detection_auc"]
         table.add_row(
             run.run_id,

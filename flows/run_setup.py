@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger
 
-from storage.atomic import write_text_atomic
+from storage.atomic import remove_stale_temporaries, write_text_atomic
+from storage.errors import BadInput
 from storage.store import RunPaths, Store
 from storage.tracking import Tracking, finish_tracking, start_tracking, tag_run
 from tasks.config import Config, config_yaml
@@ -21,8 +22,15 @@ def tracked_run(
     is marked FINISHED when the block completes, FAILED when it raises."""
     log = get_run_logger()
     run = store.run(run_id)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    run.dir.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        for path in remove_stale_temporaries(run.dir):
+            log.info("removed %s, left by a writer that was killed", path.name)
+    else:
+        try:
+            run.dir.mkdir()  # exclusive: concurrent runs never share a folder
+        except FileExistsError:
+            raise BadInput(f"run {run_id} already exists in {store.root}") from None
         write_text_atomic(config_yaml(config), run.config)
     id_file = run.dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if resume and id_file.exists() else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,3 +81,34 @@ def read_parquet_schema(path: Path) -> pa.Schema:
     """The Arrow schema (with its metadata) of a Parquet file, reading only the footer."""
     with pa.OSFile(str(path)) as source:
         return pq.ParquetFile(source).schema_arrow
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files (``.{name}.tmp-{pid}-{hex}``) under ``directory`` left by
+    writers that died (no process ``pid`` is alive), e.g. a run killed mid-write; return them.
+
+    Final files are never touched, nor a temporary file whose writer may still be running.
+    """
+    removed = []
+    for path in Path(directory).rglob(".*.tmp-*"):
+        m = _TEMPORARY.match(path.name)
+        if m and path.is_file() and not _alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may be running (always True where that can't be checked)."""
+    if pid == os.getpid() or os.name != "posix":  # on Windows os.kill(pid, 0) would kill it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but owned by someone else (PermissionError), or not checkable
+        return True
+    return True

@@ -153,3 +153,16 @@ def load_state_dict(path: Path, sha256: str | None = None) -> dict[str, torch.Te
     if _is_state_dict(obj):
         return obj if isinstance(obj, dict) else dict(obj)
     raise BadInput(f"checkpoint {path} is not a state_dict (str -> tensor mapping)")
+
+
+def verify_checkpoints(records: list[CheckpointRecord]) -> None:
+    """Check every checkpoint file against the sha256 its index recorded, before any is used.
+
+    BadInput (one line) naming the first missing or mismatching file: a resumed run refuses a
+    damaged checkpoint rather than attributing a model it did not train.
+    """
+    for r in records:
+        if not Path(r.path).is_file():
+            raise BadInput(f"checkpoint {r.path} does not exist")
+        if file_sha256(Path(r.path)) != r.sha256.lower():
+            raise BadInput(f"checkpoint {r.path} does not match its recorded sha256")

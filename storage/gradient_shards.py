@@ -1,14 +1,20 @@
 """Per-sample gradient shards: Parquet files of (sample_id, raw float32 gradient bytes).
 
-Layout: ``sample_id int64`` and ``grad fixed_size_binary(4*k)`` holding little-endian float32,
+Layout: ``sample_id int64`` and ``grad fixed_size_binary(4*k)`` holding little-endian float32
+(``fixed_size_binary(2*k)`` holding float16 or bfloat16 when ``ShardMeta.dtype`` says so),
 uncompressed, no dictionary, 1024-row row groups (fast to read; see STACK.md). The shard's
-``ShardMeta`` is JSON in the schema metadata under ``b"sieve"``.
+``ShardMeta`` is JSON in the schema metadata under ``b"sieve"``; its checksum under
+``b"sieve.sha256"``: the hex sha256 of that JSON's bytes, then the ids (little-endian int64),
+then the gradient bytes. Every full read verifies it, so a damaged shard is never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,9 +27,15 @@ from storage.atomic import atomic_path, read_parquet_schema
 from storage.errors import BadInput
 
 META_KEY = b"sieve"
+CHECKSUM_KEY = b"sieve.sha256"
 ROW_GROUP_SIZE = 1024
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _LE_F32 = np.dtype("<f4")
+STORED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+"""Gradient storage precisions (``ShardMeta.dtype``); readers always return float32."""
+_LE_I64 = np.dtype("<i8")
 
 
 @dataclass
@@ -67,29 +79,31 @@ def write_gradient_shard(
 ) -> None:
     """Write one shard atomically.
 
-    ``sample_ids``: (m,) integers; ``grads``: (m, k) float32 with ``k == meta.k`` (moved to CPU
-    and made contiguous if needed; other dtypes are cast to float32). The gradient column wraps
-    the tensor's buffer without a copy.
+    ``sample_ids``: (m,) integers; ``grads``: (m, k) with ``k == meta.k``, moved to the CPU and
+    cast to ``meta.dtype`` (float32, or float16 / bfloat16 at half the bytes). The gradient
+    column wraps the cast tensor's buffer without a copy.
     """
     ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
-    g = grads.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if meta.dtype not in STORED_DTYPES:
+        raise ValueError(f"unsupported shard dtype {meta.dtype!r}; one of {list(STORED_DTYPES)}")
+    g = grads.detach().to(device="cpu", dtype=STORED_DTYPES[meta.dtype]).contiguous()
     if g.ndim != 2 or ids.ndim != 1 or g.shape[0] != ids.shape[0]:
         raise ValueError(f"need ids (m,) and grads (m, k), got {ids.shape} and {tuple(g.shape)}")
     m, k = g.shape
     if k != meta.k or k < 1:
         raise ValueError(f"grads have width {k}, meta says k={meta.k}")
-    if meta.dtype != "float32":
-        raise ValueError(f"only float32 shards are supported, meta says {meta.dtype}")
-    values = g.numpy().astype(_LE_F32, copy=False)  # a no-op on little-endian machines
+    values = _raw(g)
+    width = values.itemsize * k
+    meta_json = json.dumps(asdict(meta)).encode()
     grad_col = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(4 * k), m, [None, pa.py_buffer(values)]
+        pa.binary(width), m, [None, pa.py_buffer(values)]
     )
     schema = pa.schema(
         [
             pa.field("sample_id", pa.int64(), nullable=False),
-            pa.field("grad", pa.binary(4 * k), nullable=False),
+            pa.field("grad", pa.binary(width), nullable=False),
         ],
-        metadata={META_KEY: json.dumps(asdict(meta)).encode()},
+        metadata={META_KEY: meta_json, CHECKSUM_KEY: _checksum(meta_json, ids, values).encode()},
     )
     table = pa.Table.from_arrays([pa.array(ids), grad_col], schema=schema)
     with atomic_path(path) as tmp:
@@ -101,6 +115,25 @@ def write_gradient_shard(
             row_group_size=ROW_GROUP_SIZE,
             write_statistics=["sample_id"],
         )
+
+
+def _raw(g: torch.Tensor) -> np.ndarray:
+    """The stored little-endian values of a contiguous CPU tensor: float32 as ``<f4``, 16-bit
+    floats as their ``<u2`` bit patterns (numpy has no bfloat16)."""
+    if g.dtype == torch.float32:
+        return g.numpy().astype(_LE_F32, copy=False)  # a no-op on little-endian machines
+    return g.view(torch.int16).numpy().view(np.uint16).astype("<u2", copy=False)
+
+
+def _checksum(meta_json: bytes, ids: np.ndarray, values: np.ndarray) -> str:
+    """Hex sha256 of the metadata JSON, the ids as little-endian int64 and the stored rows'
+    bytes (``_raw``: float32 ``<f4``, or 16-bit ``<u2`` patterns)."""
+    digest = hashlib.sha256(meta_json)
+    digest.update(memoryview(np.ascontiguousarray(ids, dtype=_LE_I64)).cast("B"))
+    if values.dtype.kind == "f":
+        values = np.ascontiguousarray(values, dtype=_LE_F32)
+    digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+    return digest.hexdigest()
 
 
 def _corrupted(path: Path, reason: object) -> BadInput:
@@ -126,10 +159,12 @@ def _check_schema(path: Path, schema: pa.Schema) -> ShardMeta:
         meta = ShardMeta(**{f.name: data[f.name] for f in fields(ShardMeta)})
     except (ValueError, TypeError, KeyError) as e:
         raise _corrupted(path, f"bad sieve metadata ({type(e).__name__}: {e})") from None
-    if not isinstance(meta.k, int) or meta.k * 4 != grad_type.byte_width:
-        raise _corrupted(path, f"metadata k={meta.k} but grad is {grad_type.byte_width} bytes wide")
-    if meta.dtype != "float32":
+    if meta.dtype not in STORED_DTYPES:
         raise _corrupted(path, f"unsupported dtype {meta.dtype!r}")
+    itemsize = STORED_DTYPES[meta.dtype].itemsize
+    if not isinstance(meta.k, int) or meta.k * itemsize != grad_type.byte_width:
+        raise _corrupted(path, f"metadata k={meta.k} but grad is {grad_type.byte_width} bytes "
+                         f"wide ({meta.dtype}: {itemsize} bytes a value)")
     return meta
 
 
@@ -150,7 +185,7 @@ def read_gradient_shard(path: Path) -> tuple[np.ndarray, torch.Tensor]:
 
     Memory-maps the file (one handle, so a concurrent rewrite is never half seen) and copies
     each chunk's data buffer once into a preallocated tensor. BadInput when the file is missing,
-    truncated, unreadable or disagrees with its metadata.
+    truncated, unreadable, disagrees with its metadata, or fails its checksum.
     """
     path = Path(path)
     try:
@@ -165,24 +200,78 @@ def read_gradient_shard(path: Path) -> tuple[np.ndarray, torch.Tensor]:
         except (OSError, pa.ArrowException) as e:
             raise _corrupted(path, e) from None
         meta = _check_schema(path, table.schema)
-        return _to_numpy_and_tensor(path, table, meta.k)
+        ids, raw = _to_numpy_and_tensor(path, table, meta.k, STORED_DTYPES[meta.dtype])
+    stored = (table.schema.metadata or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        raise _corrupted(path, "no checksum")
+    if _checksum(table.schema.metadata[META_KEY], ids, _raw(raw)).encode() != stored:
+        raise _corrupted(path, "checksum mismatch (the file changed after it was written)")
+    return ids, raw.to(torch.float32)
 
 
-def _to_numpy_and_tensor(path: Path, table: pa.Table, k: int) -> tuple[np.ndarray, torch.Tensor]:
+def _to_numpy_and_tensor(
+    path: Path, table: pa.Table, k: int, dtype: torch.dtype = torch.float32
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Ids and the stored rows as one (m, k) tensor of ``dtype`` (one copy of each chunk)."""
     id_col = table.column("sample_id")
     grad_col = table.column("grad")
     if id_col.null_count or grad_col.null_count:
         raise _corrupted(path, "null values")
     ids = np.ascontiguousarray(id_col.to_numpy(), dtype=np.int64)
-    out = torch.empty((table.num_rows, k), dtype=torch.float32)
-    dst = out.numpy()
-    width = 4 * k
+    out = torch.empty((table.num_rows, k), dtype=dtype)
+    wide = dtype == torch.float32
+    dst = out.numpy() if wide else out.view(torch.int16).numpy().view(np.uint16)
+    element = _LE_F32 if wide else np.dtype("<u2")
+    width = element.itemsize * k
     row = 0
     for chunk in grad_col.chunks:
         n = len(chunk)
         if n:
             data = chunk.buffers()[1]
-            src = np.frombuffer(data, dtype=_LE_F32, count=n * k, offset=chunk.offset * width)
+            src = np.frombuffer(data, dtype=element, count=n * k, offset=chunk.offset * width)
             dst[row : row + n] = src.reshape(n, k)
             row += n
     return ids, out
+
+
+def iter_gradient_blocks(
+    path: Path, row_groups: int = 8
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Stream one shard: (ids (m,) int64, gradients (m, k) float32) blocks, in row order.
+
+    Reads ``row_groups`` row groups at a time (buffered reads, not a memory map, so resident
+    memory holds only those; m <= row_groups * 1024) and yields, per Arrow chunk, without
+    copying (16-bit shards: one float32 copy per block), a tensor viewing Arrow's buffer:
+    read-only, valid until the next block is yielded (clone it to keep it). The shard's
+    checksum is not verified here (``read_gradient_shard`` does that on full reads).
+    """
+    path = Path(path)
+    try:
+        shard = pq.ParquetFile(str(path), memory_map=False)
+    except FileNotFoundError:
+        raise BadInput(f"missing gradient shard {path}") from None
+    except (OSError, pa.ArrowException) as e:
+        raise _corrupted(path, e) from None
+    with shard:
+        meta = _check_schema(path, shard.schema_arrow)
+        k, dtype = meta.k, STORED_DTYPES[meta.dtype]
+        for first in range(0, shard.num_row_groups, row_groups):
+            groups = range(first, min(first + row_groups, shard.num_row_groups))
+            try:
+                table = shard.read_row_groups(groups, use_threads=False)
+            except (OSError, pa.ArrowException) as e:
+                raise _corrupted(path, e) from None
+            ids = table.column("sample_id").chunks
+            for id_chunk, grad_chunk in zip(ids, table.column("grad").chunks, strict=True):
+                n = len(grad_chunk)
+                if grad_chunk.null_count or id_chunk.null_count:
+                    raise _corrupted(path, "null values")
+                element = _LE_F32 if dtype == torch.float32 else np.dtype("<i2")
+                values = np.frombuffer(grad_chunk.buffers()[1], dtype=element, count=n * k,
+                                       offset=grad_chunk.offset * element.itemsize * k)
+                with warnings.catch_warnings():  # Arrow buffers are read-only; never written
+                    warnings.simplefilter("ignore", UserWarning)
+                    grads = torch.from_numpy(values.reshape(n, k))
+                if dtype != torch.float32:  # 16-bit rows: one float32 copy per block
+                    grads = grads.view(dtype).to(torch.float32)
+                yield id_chunk.to_numpy().astype(np.int64, copy=False), grads

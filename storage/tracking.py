@@ -18,6 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from storage.locks import file_lock  # noqa: E402
 from storage.store import Store  # noqa: E402
 
 _BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -47,15 +48,22 @@ class Tracking:
 def start_tracking(
     store: Store, uri: str | None, experiment: str, run_id: str, resume_parent: str | None
 ) -> Tracking:
-    """Open (or create) the experiment and the parent run named after the Sieve run id."""
+    """Open (or create) the experiment and the parent run named after the Sieve run id.
+
+    Creating the database (MLflow migrates a new sqlite file) and the experiment is done under
+    the store's lock ``.mlflow.lock``: concurrent runs on one store would otherwise race
+    ("table already exists", "experiment already exists").
+    """
     uri = uri or store.mlflow_uri
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        location = (store.artifact_root / experiment).as_uri() if uri == store.mlflow_uri else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
+    with file_lock(store.root / ".mlflow.lock"):
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            local = uri == store.mlflow_uri
+            location = (store.artifact_root / experiment).as_uri() if local else None
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
     if resume_parent:
         client.update_run(resume_parent, status="RUNNING")
         return Tracking(uri, experiment_id, resume_parent)

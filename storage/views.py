@@ -4,7 +4,8 @@ Views (always present; an empty relation with the documented columns until files
 ``samples``, ``checkpoints``, ``metrics``, ``scores`` (estimator, target, sample_id, score, and
 any extra columns, by name) and ``attributions`` (estimator, train_id, test_id, score).
 Partition columns come from the folder names, not DuckDB's hive parsing, so a ``k=v`` folder
-higher up in the store's path never turns into a column.
+higher up in the store's path never turns into a column. The connection is a sandbox: it reads
+only files under the store's ``runs/`` folder and its settings are locked.
 """
 
 from __future__ import annotations
@@ -143,19 +144,42 @@ def _view_sql(run: RunPaths) -> dict[str, str]:
 
 
 def open_run(run: RunPaths) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the run's views.
+    """An in-memory DuckDB connection with the run's views, sandboxed to the store's runs.
 
     Files are listed (and their schemas read) now: shards completed later need a new
-    connection. BadInput when a file is unreadable.
+    connection. BadInput when a file is unreadable. The connection can read only files under
+    the store's ``runs/`` folder (every run's Parquet, config.yaml...): any other path, URL,
+    ATTACH or extension install/load fails, and the settings are locked so no statement can
+    lift that (``_sandbox``).
     """
     con = duckdb.connect(":memory:")
-    for view, sql in _view_sql(run).items():
-        try:
-            con.execute(f"CREATE VIEW {view} AS {sql}")
-        except duckdb.Error as e:
-            con.close()
-            raise BadInput(f"cannot read {view} of run {run.run_id}: {_first_line(e)}") from None
+    try:
+        for view, sql in _view_sql(run).items():
+            try:
+                con.execute(f"CREATE VIEW {view} AS {sql}")
+            except duckdb.Error as e:
+                reason = _first_line(e)
+                raise BadInput(f"cannot read {view} of run {run.run_id}: {reason}") from None
+        _sandbox(con, run.dir.parent)
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def _sandbox(con: duckdb.DuckDBPyConnection, allowed: Path) -> None:
+    """Restrict file access to ``allowed`` (and below), with no spill folder and no extension
+    loading, then lock the configuration (a later SET fails)."""
+    prefix = allowed.resolve().as_posix().rstrip("/") + "/"
+    for statement in (
+        "SET temp_directory = ''",
+        f"SET allowed_directories = [{_lit(prefix)}]",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,7 +192,8 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list
 
     SELECT-type covers SELECT, WITH, VALUES, FROM-first, DESCRIBE, SHOW, SUMMARIZE. Every other
     statement (INSERT, CREATE, COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA, CALL, EXPLAIN, PIVOT...)
-    and more than one statement raise BadInput; so do DuckDB's errors (first line).
+    and more than one statement raise BadInput; so do DuckDB's errors (first line), among them
+    the sandbox's refusal to touch a file outside the store's runs folder (see ``open_run``).
     """
     try:
         statements = con.extract_statements(sql)
@@ -187,6 +212,10 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list
         cursor = con.execute(statements[0].query)
         columns = [d[0] for d in cursor.description or []]
         rows = cursor.fetchall()
+    except duckdb.PermissionException as e:
+        raise BadInput(
+            f"sieve query reads only the store's runs folder: {_first_line(e)}"
+        ) from None
     except duckdb.Error as e:
         raise BadInput(_first_line(e)) from None
     return columns, rows

@@ -33,14 +33,23 @@ class Splits(Section):
         return self
 
 
+class SyntheticConfig(Section):
+    """data.name synthetic: a seeded workload of any size (workloads/synthetic.py)."""
+
+    n: int = Field(10_000, ge=10)
+    input_dim: int = Field(32, ge=1)
+    classes: int = Field(10, ge=2)
+
+
 class DataConfig(Section):
-    name: Literal["digits", "parquet"] = "digits"
+    name: Literal["digits", "german_credit", "parquet", "synthetic"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
     label_column: str = "label"
     feature_columns: list[str] | None = None
     group_column: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _path_means_parquet(self) -> DataConfig:
@@ -98,6 +107,12 @@ class GradientsConfig(Section):
         None, ge=1, description="store gradients randomly projected to this many dimensions"
     )
     projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
+    memory_mb: int = Field(
+        256, ge=1, description="per-sample gradients are computed in chunks within this budget"
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="stored precision; readers return float32 (16-bit: half the bytes)"
+    )
 
 
 class EstimatorSpec(BaseModel):
@@ -122,11 +137,37 @@ class EstimatorSpec(BaseModel):
                 f"estimator {self.name!r} has no option(s) {unknown}; "
                 f"accepted: {accepted or 'none'}"
             )
+        try:  # option values are checked by the constructor, now rather than mid-run
+            make_estimator(self.name, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"estimator {self.name!r}: {exc}") from None
         return self
 
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class AttackConfig(Section):
+    """Adversarial target rows for ``utility: robustness``: made once at the trained model,
+    then frozen (L-inf ball of radius ``eps``; PGD steps of ``step_size``, default eps/4)."""
+
+    method: Literal["fgsm", "pgd"] = "pgd"
+    eps: float = Field(0.1, gt=0)
+    steps: int = Field(10, ge=1, description="pgd iterations")
+    step_size: float | None = Field(None, gt=0)
+    clip: list[float] | None = Field(None, description="[low, high] valid input range")
+
+    @field_validator("clip")
+    @classmethod
+    def _range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or v[0] >= v[1]):
+            raise ValueError("clip must be [low, high] with low < high")
+        return v
+
+
+Utility = Literal["loss", "demographic_parity", "equal_opportunity", "equalized_odds",
+                  "robustness"]
 
 
 class TargetsConfig(Section):
@@ -135,12 +176,18 @@ class TargetsConfig(Section):
     test_samples: int | None = Field(
         None, ge=1, description="pairwise: a seeded subset of this many test samples (None: all)"
     )
+    utility: Utility = Field("loss", description="the cost scored against (docs/utilities.md)")
+    attack: AttackConfig = AttackConfig()
 
 
 class PruneConfig(Section):
     by: list[str] = Field(default_factory=lambda: ["tracin"])
     fraction: float = Field(0.10, gt=0, lt=1)
     seeds: int = Field(5, ge=1)
+    mode: Literal["remove", "keep"] = Field(
+        "remove", description="remove the most harmful fraction, or keep the most beneficial "
+        "fraction (a coreset); random arms remove/keep the same count"
+    )
 
     @field_validator("by", mode="before")
     @classmethod
@@ -190,17 +237,81 @@ class EvaluateConfig(Section):
 
 
 class DaskConfig(Section):
-    workers: int = Field(2, ge=1)
-    address: str | None = None
+    workers: int = Field(2, ge=1, description="local worker processes (one per GPU when present)")
+    address: str | None = Field(None, description="a running Dask scheduler, e.g. tcp://h:8786")
 
 
 class RayConfig(Section):
-    address: str | None = None
+    address: str | None = Field(None, description="a running Ray cluster, e.g. ray://h:10001")
+    gpus_per_shard: float = Field(
+        0.0, ge=0, description="GPUs each gradient shard task asks Ray for (0: CPU only)"
+    )
 
 
 class TrackingConfig(Section):
     uri: str | None = None
     experiment: str = "sieve"
+
+
+class ServeConfig(Section):
+    """``sieve serve``: where its servers listen, and when each deployment runs on its own."""
+
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    schedules: dict[str, str] = Field(
+        default_factory=dict, description="deployment name -> cron, e.g. {pipeline: '0 3 * * *'}"
+    )
+
+
+class DeletionConfig(Section):
+    """Deletion prediction: for each class (``by: label``) or protected group (``by: group``)
+    of the train split, the predicted change of the target cost when it is deleted (sum of its
+    scores / n) against the actual change after retraining without it."""
+
+    by: Literal["label", "group"] | None = None
+    seeds: int = Field(2, ge=1)
+
+
+class MultistageValidationConfig(Section):
+    samples: int = Field(100, ge=0, description="pretraining samples removed one at a time and "
+                         "re-pretrained + re-finetuned (0: no validation)")
+
+    @field_validator("samples")
+    @classmethod
+    def _correlatable(cls, v: int) -> int:
+        if 0 < v < 3:
+            raise ValueError("0 (off) or at least 3 (a correlation needs 3 points)")
+        return v
+
+
+class MultistageConfig(Section):
+    """Pretrain on ``pretrain_classes`` (task A), finetune on ``finetune_classes`` (task B);
+    score pretraining samples by their influence on the finetuned model's target loss
+    (spec section 7). Its presence makes ``sieve run`` run the multistage flow."""
+
+    pretrain_classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    finetune_classes: list[int] = Field(default_factory=lambda: [5, 6, 7, 8, 9])
+    finetune: Literal["frozen", "proximal"] = "frozen"
+    proximal: float = Field(1.0, gt=0, description="alpha of (alpha/2)||W - W_pretrained||^2")
+    hidden: int = Field(16, ge=1, description="embedding width")
+    pretrain_weight_decay: float = Field(1e-2, gt=0)
+    finetune_weight_decay: float = Field(1e-3, gt=0)
+    damping: float = Field(0.0, ge=0, description="added to every curvature")
+    solver: Literal["exact", "cg"] = "exact"
+    max_iter: int = Field(2000, ge=1, description="L-BFGS iterations per training stage")
+    tolerance: float = Field(1e-9, gt=0, description="L-BFGS gradient tolerance")
+    validation: MultistageValidationConfig = MultistageValidationConfig()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> MultistageConfig:
+        for name in ("pretrain_classes", "finetune_classes"):
+            classes = getattr(self, name)
+            if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0:
+                raise ValueError(f"{name}: at least 2 distinct non-negative classes")
+        if set(self.pretrain_classes) & set(self.finetune_classes):
+            raise ValueError("pretrain_classes and finetune_classes must not overlap")
+        return self
 
 
 class Config(Section):
@@ -213,10 +324,13 @@ class Config(Section):
     targets: TargetsConfig = TargetsConfig()
     prune: PruneConfig = PruneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    runner: Literal["threads"] = Field("threads", description="dask and ray: not available yet")
+    deletion: DeletionConfig = DeletionConfig()
+    runner: Literal["threads", "dask", "ray"] = "threads"
     dask: DaskConfig = DaskConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
+    multistage: MultistageConfig | None = None
 
     @field_validator("estimators", mode="before")
     @classmethod
@@ -336,7 +450,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"])
     where = f"{loc}: " if loc else ""
     msg = err["msg"]
     if err["type"] == "value_error":

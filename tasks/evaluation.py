@@ -4,7 +4,6 @@ removal. Results go to ``evaluation.parquet`` (estimator, metric, value) and MLf
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from storage.views import open_run
 from tasks.config import Config
 from tasks.groundtruth import Outcome, read_outcome, retrain_outcome
 from tasks.plots import lds_bars, prune_curves
+from tasks.progress import StageProgress
 from tasks.prune import MOST_HARMFUL
 from tasks.score import target_name
 from tasks.stage import stage
@@ -142,18 +142,15 @@ def groundtruth_stage(
         rec.params({"retrains": len(unique), "loo": config.evaluate.loo.model_dump_json(),
                     "lds": config.evaluate.lds.model_dump_json(),
                     "prune_curve": config.evaluate.prune_curve.model_dump_json()})
-        started = time.perf_counter()
         futures = [retrain_outcome.submit(run, config, store_root, removed, seed)
                    for removed, seed in unique]
+        retrains = StageProgress("groundtruth", len(unique), "retrains", log)
         outcomes, computed = {}, 0
         for i, (key, future) in enumerate(zip(unique, futures, strict=True), 1):
             path, fresh = future.result()
             outcomes[key] = read_outcome(path)
             computed += fresh
-            if i % max(1, len(unique) // 10) == 0 or i == len(unique):
-                elapsed = time.perf_counter() - started
-                log.info("groundtruth: %d/%d retrains (%d trained, %d reused), %.1f/s", i,
-                         len(unique), computed, i - computed, i / elapsed)
+            retrains.advance(note=f"{computed} trained, {i - computed} reused")
         rec.metric("retrains_trained", computed)
         rec.metric("retrains_reused", len(unique) - computed)
     return outcomes

@@ -7,7 +7,11 @@ checkpoint file (matching model hash) is skipped, which is how ``--resume`` cont
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +24,21 @@ from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.errors import BadInput
-from storage.gradient_shards import ShardMeta, read_shard_meta, shard_path, write_gradient_shard
+from storage.gradient_shards import (
+    ShardMeta,
+    read_gradient_shard,
+    read_shard_meta,
+    shard_path,
+    write_gradient_shard,
+)
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
+from tasks.progress import StageProgress
 from tasks.stage import stage
+from tasks.utility import utility_gradient_rows, utility_row_count, utility_split
 from tasks.workload import load_workload
+from workloads.datasets import SPLITS
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,62 @@ class ShardResult:
     samples: int
     seconds: float
     computed: bool
+    worker: str = ""
+    """``host:pid`` of the process that ran the shard task."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This worker's device: the CPU, or one GPU per worker (a Dask worker named ``i`` takes GPU
+    ``i mod count``; a thread or Ray worker the first visible one)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", _worker_index() % torch.cuda.device_count())
+
+
+def _worker_index() -> int:
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return 0
+    return name if isinstance(name, int) else 0
+
+
+def _placement(config: Config) -> contextlib.AbstractContextManager:
+    """Ray: ask for ``ray.gpus_per_shard`` GPUs per shard task (Ray hides GPUs from tasks that
+    don't ask); other runners: nothing to ask."""
+    if config.runner != "ray" or not config.ray.gpus_per_shard:
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=config.ray.gpus_per_shard)
+
+
+def chunk_rows(parameters: int, memory_mb: int) -> int:
+    """Rows whose per-sample gradients (and their float64 projection input) fit in
+    ``memory_mb``: a multiple of 256 when at least 256 fit (so the row slices the gradient
+    routine works in, and hence the float rounding, don't depend on the budget)."""
+    rows = max(1, memory_mb * 2**20 // (parameters * 12))
+    return rows // 256 * 256 if rows >= 256 else rows
+
+
+def shard_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    projector: Projector | None, rows: int) -> torch.Tensor:
+    """Per-sample gradients of ``model`` on (x, y), projected when ``projector`` is given,
+    ``rows`` at a time (the memory bound): (m, k or d) float32 on the CPU."""
+    blocks = []
+    for start in range(0, x.shape[0], rows):
+        grads = per_sample_gradients(model, x[start : start + rows], y[start : start + rows],
+                                     chunk_size=min(rows, 256))
+        if projector is not None:
+            grads = projector.project(grads)
+        blocks.append(grads.to(device="cpu", dtype=torch.float32))
+    return torch.cat(blocks)
 
 
 def needed_checkpoints(config: Config, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
@@ -60,8 +125,9 @@ def needed_checkpoints(config: Config, records: list[CheckpointRecord]) -> list[
 
 
 def needed_splits(config: Config) -> list[str]:
-    """Train, the summed target's split, and the test split when pairwise scores are asked."""
-    splits = ["train", config.targets.split]
+    """Train, the target's split (or its utility pseudo split, ``tasks.utility``), and the test
+    split when pairwise scores are asked."""
+    splits = ["train", utility_split(config)]
     if config.targets.pairwise and "test" not in splits:
         splits.append("test")
     return splits
@@ -78,46 +144,61 @@ def shard_jobs(config: Config, records: list[CheckpointRecord], split_sizes: dic
 
 
 def _complete(path, record: CheckpointRecord, config: Config) -> bool:
-    """A shard is complete when it exists for this checkpoint file and projection."""
+    """A shard is complete when it exists for this checkpoint file and projection and passes
+    its checksum (a damaged one is reported in one log line and recomputed)."""
     if not path.exists():
         return False
     try:
+        read_gradient_shard(path)  # verifies the checksum over metadata, ids and gradients
         meta = read_shard_meta(path)
-    except BadInput:
+    except BadInput as exc:
+        get_run_logger().warning("gradients: %s; recomputing it", exc)
         return False
     k = config.gradients.projection
-    return meta.model_hash == record.sha256 and (
+    return meta.model_hash == record.sha256 and meta.dtype == config.gradients.dtype and (
         meta.projection is None if k is None else meta.k == k
     )
 
 
 @task(name="gradient-shard", cache_policy=NO_CACHE)
 def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
-    """Compute and write one shard (float32 rows in the model's parameter order)."""
+    """Compute and write one shard (rows in the model's parameter order, stored as
+    ``gradients.dtype``)."""
     path = shard_path(run.gradients_dir(job.checkpoint.checkpoint, job.split), job.part)
     if _complete(path, job.checkpoint, config):
         return ShardResult(job.stop - job.start, 0.0, computed=False)
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = load_workload(run, config)
-    rows = work.rows(job.split)[job.start : job.stop]
     model = work.factory()
     model.load_state_dict(load_state_dict(job.checkpoint.path, job.checkpoint.sha256))
     model = model.to(device()).eval()
-    grads = per_sample_gradients(model, work.x[rows].to(device()), work.y[rows].to(device()))
     k = config.gradients.projection
-    if k is not None:
-        kind = config.gradients.projection_kind
-        grads = Projector.for_model(model, k, seed=config.seed, kind=kind).project(grads)
+    projector = (Projector.for_model(model, k, seed=config.seed,
+                                     kind=config.gradients.projection_kind) if k else None)
+    if job.split in SPLITS:
+        rows = work.rows(job.split)[job.start : job.stop]
+        ids = work.samples.sample_id[rows].astype(np.int64)
+        grads = shard_gradients(model, work.x[rows].to(device()), work.y[rows].to(device()),
+                                projector, chunk_rows(parameter_count(model),
+                                                      config.gradients.memory_mb))
+    else:
+        ids, grads = utility_gradient_rows(run, config, work, model, job.start, job.stop,
+                                           device())
+        if projector is not None:
+            grads = projector.project(grads)
     meta = ShardMeta(
-        dtype="float32", projection=config.gradients.projection_kind if k else None,
+        dtype=config.gradients.dtype, projection=config.gradients.projection_kind if k else None,
         k=grads.shape[1], seed=config.seed if k else None,
         parameter_order=parameter_order(model), parameter_count=parameter_count(model),
         checkpoint=job.checkpoint.checkpoint, model_hash=job.checkpoint.sha256, split=job.split,
     )
-    ids = work.samples.sample_id[rows].astype(np.int64)
-    write_gradient_shard(path, ids, grads.to(torch.float32).cpu().contiguous(), meta)
-    return ShardResult(len(rows), time.perf_counter() - started, computed=True)
+    write_gradient_shard(path, ids, grads, meta)
+    get_run_logger().info("gradient shard %s part %d (checkpoint %d): %d samples on %s (%s)",
+                          job.split, job.part, job.checkpoint.checkpoint, len(ids),
+                          worker_name(), device())
+    return ShardResult(len(ids), time.perf_counter() - started, computed=True,
+                       worker=worker_name())
 
 
 @task(name="gradients", cache_policy=NO_CACHE)
@@ -127,7 +208,8 @@ def gradients_stage(
     """Fan the shards out on the task runner and wait for all of them."""
     log = get_run_logger()
     work = load_workload(run, config)
-    sizes = {s: len(work.rows(s)) for s in ("train", "val", "test")}
+    sizes = {s: len(work.rows(s)) for s in SPLITS}
+    sizes[utility_split(config)] = utility_row_count(config, work)
     jobs = shard_jobs(config, records, sizes)
     with stage(run, tracking, "gradients") as rec:
         rec.params({"shards": len(jobs), "shard_size": config.gradients.shard_size,
@@ -135,16 +217,21 @@ def gradients_stage(
                     "device": str(device()),
                     "projection": config.gradients.projection or "none"})
         started = time.perf_counter()
-        futures = [gradient_shard.submit(run, config, job) for job in jobs]
+        with _placement(config):
+            futures = [gradient_shard.submit(run, config, job) for job in jobs]
+        samples = StageProgress("gradients", sum(j.stop - j.start for j in jobs), "samples", log)
         results: list[ShardResult] = []
         for i, future in enumerate(futures, 1):
             results.append(future.result())
-            if i == len(futures) or i % max(1, len(futures) // 5) == 0:
-                done = sum(r.samples for r in results)
-                log.info("gradients: %d/%d shards, %d samples, %.0f samples/s", i, len(jobs),
-                         done, done / (time.perf_counter() - started))
+            skipped = sum(not r.computed for r in results)
+            samples.advance(results[-1].samples,
+                            note=f"{i}/{len(jobs)} shards, {skipped} already complete")
         computed = [r for r in results if r.computed]
         rec.metric("shards_computed", len(computed))
+        workers = Counter(r.worker for r in computed)
+        if workers:
+            rec.params({"workers": ", ".join(f"{w} ({n} shards)" for w, n in workers.items())})
+            log.info("gradients: shards ran on %d worker(s): %s", len(workers), dict(workers))
         rec.metric("shards_skipped", len(results) - len(computed))
         if computed:
             rate = sum(r.samples for r in computed) / (time.perf_counter() - started)

@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from estimators.base import Attribution  # noqa: E402
+from storage.atomic import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` to ``path`` as PNG atomically (a reader never sees half an image)."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def score_distributions(
@@ -34,9 +44,7 @@ def score_distributions(
         ax.axis("off")
     axes.flat[0].legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -54,9 +62,7 @@ def accuracy_comparison(arms: dict[str, list[float]], path: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.set_title("retrained test accuracy (mean ± sd over seeds)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -72,9 +78,7 @@ def lds_bars(table: dict[str, dict[str, float]], path: Path) -> Path:
     ax.set_ylabel("LDS (Spearman, mean over targets)")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -95,7 +99,5 @@ def prune_curves(
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path

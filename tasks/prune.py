@@ -36,8 +36,23 @@ class Removal:
     removed: tuple[int, ...]
 
 
+LEAST_USEFUL = """
+    select sample_id from scores
+    where estimator = $estimator and target = $target
+    order by score asc, sample_id desc
+    limit $count
+"""
+"""Keep mode: the complement of the coreset (the top scores, ties to the smaller id)."""
+
+
 def prune_count(config: Config, n_train: int) -> int:
     return max(1, int(round(config.prune.fraction * n_train)))
+
+
+def removal_count(config: Config, n_train: int) -> int:
+    """Samples each arm removes: ``fraction`` of them, or (``mode: keep``) all but that."""
+    count = prune_count(config, n_train)
+    return count if config.prune.mode == "remove" else n_train - count
 
 
 def retrain_seeds(config: Config) -> list[int]:
@@ -46,11 +61,13 @@ def retrain_seeds(config: Config) -> list[int]:
 
 @task(name="prune", cache_policy=NO_CACHE)
 def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Removal]:
-    """The removals to retrain: full data, random, and pruned-by-each-``prune.by``, per seed."""
+    """The removals to retrain: full data, random, and pruned-by-each-``prune.by``, per seed.
+    ``prune.mode: keep`` removes everything but the top ``fraction`` by score (a coreset), and
+    its random arm keeps a random subset of the same size."""
     log = get_run_logger()
     work = load_workload(run, config)
     train_ids = work.samples.sample_id[work.rows("train")]
-    count = prune_count(config, len(train_ids))
+    count = removal_count(config, len(train_ids))
     seeds = retrain_seeds(config)
     removals = [Removal("full", s, ()) for s in seeds]
     for s in seeds:
@@ -62,10 +79,11 @@ def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Remov
     )
     with stage(run, tracking, "prune") as rec, open_run(run) as con:
         rec.params({"fraction": config.prune.fraction, "count": count,
-                    "by": ",".join(config.prune.by)})
+                    "by": ",".join(config.prune.by), "mode": config.prune.mode})
+        query = MOST_HARMFUL if config.prune.mode == "remove" else LEAST_USEFUL
         for name in config.prune.by:
             params = {"estimator": name, "target": target_name(config), "count": count}
-            ids = [row[0] for row in con.execute(MOST_HARMFUL, params).fetchall()]
+            ids = [row[0] for row in con.execute(query, params).fetchall()]
             write_parquet_atomic(
                 pa.table({"sample_id": pa.array(ids, pa.int64()),
                           "rank": pa.array(range(len(ids)), pa.int64())}),

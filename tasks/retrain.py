@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -14,11 +13,13 @@ from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
 from tasks.plots import accuracy_comparison
+from tasks.progress import StageProgress
 from tasks.prune import Removal
 from tasks.stage import stage
+from tasks.utility import model_metrics
 from tasks.workload import Workload, load_workload
 from workloads.models import seeded_model
-from workloads.training import accuracy, train
+from workloads.training import train
 
 
 def train_without(work: Workload, removed: tuple[int, ...], seed: int) -> torch.nn.Module:
@@ -33,12 +34,12 @@ def train_without(work: Workload, removed: tuple[int, ...], seed: int) -> torch.
 
 
 @task(name="retrain-one", cache_policy=NO_CACHE)
-def retrain_one(run: RunPaths, config: Config, removal: Removal) -> float:
-    """Test accuracy (against clean labels) of a model trained without ``removal.removed``."""
+def retrain_one(run: RunPaths, config: Config, removal: Removal) -> dict[str, float]:
+    """Metrics of a model trained without ``removal.removed`` (``tasks.utility.model_metrics``:
+    test accuracy against clean labels, and the utility's gaps or robust accuracy)."""
     work = load_workload(run, config)
     model = train_without(work, removal.removed, removal.seed)
-    test = work.rows("test")
-    return accuracy(model, work.x[test], work.test_labels()[test])
+    return model_metrics(run, config, work, model)
 
 
 @task(name="retrain", cache_policy=NO_CACHE)
@@ -48,18 +49,25 @@ def retrain_stage(
     """Every removal retrained (in parallel on the task runner): {arm: [accuracy per seed]}."""
     log = get_run_logger()
     arms: dict[str, list[float]] = defaultdict(list)
+    others: dict[tuple[str, str], list[float]] = defaultdict(list)
     with stage(run, tracking, "retrain") as rec:
         rec.params({"retrains": len(removals), "seeds": config.prune.seeds})
-        started = time.perf_counter()
         futures = [retrain_one.submit(run, config, r) for r in removals]
-        for i, (removal, future) in enumerate(zip(removals, futures, strict=True), 1):
-            acc = future.result()
+        retrains = StageProgress("retrain", len(removals), "retrains", log)
+        for removal, future in zip(removals, futures, strict=True):
+            metrics = future.result()
+            acc = metrics.pop("test_accuracy")
             arms[removal.arm].append(acc)
             rec.metric("test_accuracy", acc, estimator=removal.arm, seed=removal.seed)
-            log.info("retrain: %d/%d (%s, seed %d) test accuracy %.4f, %.1f s elapsed", i,
-                     len(removals), removal.arm, removal.seed, acc, time.perf_counter() - started)
+            for name, value in metrics.items():
+                others[(removal.arm, name)].append(value)
+                rec.metric(name, value, estimator=removal.arm, seed=removal.seed)
+            retrains.advance(note=f"{removal.arm}, seed {removal.seed}: test accuracy {acc:.4f}")
         for arm, values in arms.items():
             rec.metric("test_accuracy_mean", float(np.mean(values)), estimator=arm)
             rec.metric("test_accuracy_sd", float(np.std(values)), estimator=arm)
+        for (arm, name), values in others.items():
+            rec.metric(f"{name}_mean", float(np.mean(values)), estimator=arm)
+            rec.metric(f"{name}_sd", float(np.std(values)), estimator=arm)
         rec.artifact(accuracy_comparison(dict(arms), run.dir / "plots" / "accuracy.png"))
     return dict(arms)

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
 from estimators.registry import make_estimator
+from estimators.targets import SummedLoss
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
@@ -26,7 +27,9 @@ from storage.tracking import Tracking
 from tasks.config import Config
 from tasks.memory import peak_memory
 from tasks.plots import score_distributions
+from tasks.progress import StageProgress
 from tasks.stage import stage
+from tasks.utility import make_target, target_inputs, utility_split
 from tasks.workload import load_workload
 
 SCORE_SCHEMA = pa.schema(
@@ -35,8 +38,9 @@ SCORE_SCHEMA = pa.schema(
 
 
 def target_name(config: Config) -> str:
-    """The partition name of the summed-loss target over the configured split."""
-    return f"{config.targets.split}_loss"
+    """The partition name of the target: ``<split>_<utility>`` (e.g. val_loss,
+    val_demographic_parity)."""
+    return f"{config.targets.split}_{config.targets.utility}"
 
 
 def pairwise_targets(config: Config, test_ids: np.ndarray) -> np.ndarray:
@@ -64,9 +68,12 @@ def scoring_context(
         ids = pairwise_targets(config, work.samples.sample_id[test])
         target = test[np.isin(work.samples.sample_id[test], ids)]
         gradients = StoredGradients(run, "test", ids)
+        target_x, cost = work.x[target], SummedLoss()
     else:
         target = work.rows(config.targets.split)
-        gradients = StoredGradients(run, config.targets.split)
+        gradients = StoredGradients(run, utility_split(config))
+        target_x = target_inputs(run, config, work, config.targets.split)
+        cost = make_target(config, work, target)
     members = sorted({r.model for r in records} - {0})
     return ScoringContext(
         model_factory=work.factory,
@@ -74,7 +81,7 @@ def scoring_context(
         train_ids=work.samples.sample_id[train],
         train_x=work.x[train],
         train_y=work.y[train],
-        target_x=work.x[target],
+        target_x=target_x,
         target_y=work.y[target],
         gradients=gradients,
         weight_decay=config.train.weight_decay,
@@ -82,6 +89,7 @@ def scoring_context(
         target_ids=work.samples.sample_id[target],
         batch_size=config.train.batch_size,
         extra_models=[[_checkpoint(r) for r in records if r.model == m] for m in members],
+        target=cost,
     )
 
 
@@ -152,7 +160,8 @@ def score_stage(
         rec.params({"estimators": ",".join(e.name for e in config.estimators),
                     "target": target_name(config)})
         attributions = {}
-        for i, spec in enumerate(config.estimators, 1):
+        scored = StageProgress("score", len(config.estimators), "estimators", log)
+        for spec in config.estimators:
             attribution, seconds, peak_mb = score_one(run, config, records, spec.name)
             attributions[spec.name] = attribution
             row = {"seconds": seconds, "peak_mb": peak_mb}
@@ -164,7 +173,7 @@ def score_stage(
                     if key not in ("seconds", "peak_mb"):
                         rec.metric(key, value, estimator=spec.name)
             summary[spec.name] = row
-            log.info("score: %d/%d %s in %.2f s", i, len(config.estimators), spec.name, seconds)
+            scored.advance(note=f"{spec.name} in {seconds:.2f} s")
         if corrupted is not None and corrupted.any():
             path = run.dir / "plots" / "score_distributions.png"
             score_distributions(attributions, _corrupted_of(corrupted, work.samples.sample_id),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from prefect import get_run_logger, task
@@ -16,17 +14,22 @@ from storage.checkpoints import (
     load_state_dict,
     read_checkpoint_index,
     save_checkpoint,
+    verify_checkpoints,
     write_checkpoint_index,
 )
 from storage.errors import BadInput
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
+from tasks.progress import StageProgress
 from tasks.stage import stage
+from tasks.utility import check_utility
 from tasks.workload import Workload, factory_for, load_workload
 from workloads.datasets import Samples, load_digits, load_parquet, samples_table
+from workloads.german_credit import load_german_credit
 from workloads.models import seeded_model
 from workloads.noise import flip_labels
+from workloads.synthetic import SyntheticSpec, load_synthetic
 from workloads.training import CheckpointEvent, accuracy, train
 
 
@@ -36,6 +39,12 @@ def load_samples(config: Config) -> Samples:
     fractions = d.splits.model_dump()
     if d.name == "digits":
         samples = load_digits(fractions, config.seed)
+    elif d.name == "german_credit":
+        samples = load_german_credit(fractions, config.seed)
+    elif d.name == "synthetic":
+        spec = SyntheticSpec(d.synthetic.n, d.synthetic.input_dim, d.synthetic.classes,
+                             config.seed)
+        samples = load_synthetic(spec, fractions)
     else:
         samples = load_parquet(
             d.path, label_column=d.label_column, feature_columns=d.feature_columns,
@@ -56,6 +65,7 @@ def load_samples(config: Config) -> Samples:
 def preflight(config: Config) -> None:
     """Fail fast, before any flow starts, on data or model problems (raises BadInput)."""
     samples = load_samples(config)
+    check_utility(config, samples)
     model = factory_for(config, samples)()
     with torch.no_grad():
         out = model(torch.from_numpy(samples.x[:2]))
@@ -91,6 +101,7 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
     log = get_run_logger()
     if run.checkpoint_index.exists():
         records = read_checkpoint_index(run.checkpoints_dir)
+        verify_checkpoints(records)
         log.info("train: reusing %d checkpoints already in %s", len(records), run.checkpoints_dir)
         return records
     work = load_workload(run, config)
@@ -101,8 +112,10 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
             records = _register_user_checkpoints(config, work)
             log.info("train: attributing %d given checkpoints, no training", len(records))
         else:
+            epochs = StageProgress("train", config.train.models * work.recipe.epochs, "epochs",
+                                   log)
             records = [r for member in range(config.train.models)
-                       for r in _train_and_capture(run, config, work, rec, log, member)]
+                       for r in _train_and_capture(run, config, work, rec, epochs, member)]
         write_checkpoint_index(run.checkpoints_dir, records)
         last = [r for r in records if r.model == 0][-1]
         final = work.factory()
@@ -119,7 +132,7 @@ def member_seed(seed: int, member: int) -> int:
     return seed + 1000 * member
 
 
-def _train_and_capture(run, config, work: Workload, rec, log, member: int):
+def _train_and_capture(run, config, work: Workload, rec, epochs: StageProgress, member: int):
     """Train one model (``member`` 0 is the attributed one, 1.. independent ensemble members)
     and save its checkpoints (members > 0 under ``checkpoints/model=<m>/``)."""
     idx = work.rows("train")
@@ -127,7 +140,6 @@ def _train_and_capture(run, config, work: Workload, rec, log, member: int):
     directory = run.checkpoints_dir / (f"model={member}" if member else "")
     model = seeded_model(work.factory, seed)
     records: list[CheckpointRecord] = []
-    started = time.perf_counter()
 
     def capture(event: CheckpointEvent) -> None:
         path, sha = save_checkpoint(directory, event.step, event.state_dict)
@@ -135,10 +147,8 @@ def _train_and_capture(run, config, work: Workload, rec, log, member: int):
                                         str(path), sha, event.step_lr, member))
 
     def progress(epoch: int, loss: float) -> None:
-        if epoch == 1 or epoch % 5 == 0 or epoch == work.recipe.epochs:
-            rate = epoch * len(idx) / (time.perf_counter() - started)
-            log.info("train: model %d/%d, epoch %d/%d, loss %.4f, %.0f samples/s", member + 1,
-                     config.train.models, epoch, work.recipe.epochs, loss, rate)
+        epochs.advance(note=f"model {member + 1}/{config.train.models}, epoch {epoch}, "
+                            f"loss {loss:.4f}")
 
     losses = train(model, work.x[idx], work.y[idx], work.recipe, seed,
                    checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress)

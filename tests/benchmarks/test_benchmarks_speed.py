@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package: run from the repo root
     sys.path.insert(0, str(ROOT))
-SIEVE = "Sieve per_sample_gradients (torch.func vmap)"
+SIEVE = "Sieve per_sample_gradients (layerwise closed form)"
 NAIVE = "naive loop (autograd.grad per sample)"
 
 

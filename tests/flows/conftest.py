@@ -25,3 +25,13 @@ def small_run(tmp_path_factory) -> tuple[Store, RunPaths]:
     store = Store(tmp_path_factory.mktemp("store"))
     assert main(["run", "--store", str(store.root), *sets(*SMALL)]) == 0
     return store, store.latest_run()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One real ``sieve serve`` (tiny config, pipeline every minute) for the serve and browser
+    tests; stopping it with Ctrl-C is checked at the end of the session."""
+    from tests.flows.serving import serve_process
+
+    with serve_process(tmp_path_factory.mktemp("served")) as running:
+        yield running

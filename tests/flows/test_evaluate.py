@@ -36,6 +36,10 @@ def test_evaluate_then_reuse_the_retrains(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LDS" in out and "if_exact" in out
     first = store.latest_run()
+    assert f"report: {(first.dir / 'report.html').as_uri()}" in out
+    report = (first.dir / "report.html").read_text()
+    assert 'id="summary-table"' in report and "LDS (95% CI)" in report
+    assert 'alt="LDS"' in report and 'alt="prune curves"' in report
     table = _evaluation(store, capsys)
     for name in ("ip", "tracin", "if_exact", "trak"):
         assert -1 <= table[(name, "lds")] <= 1
@@ -54,8 +58,13 @@ def test_evaluate_then_reuse_the_retrains(tmp_path, capsys):
                if m["stage"] == "groundtruth"}
     assert trained["retrains_trained"] > 20 and trained["retrains_reused"] == 0
 
-    assert main(["evaluate", "--store", str(store.root), *sets(*SMALL_EVALUATION)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--store", str(store.root), "--json",
+                 *sets(*SMALL_EVALUATION)]) == 0
+    printed = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON object
     second = store.latest_run()
+    assert printed["run_id"] == second.run_id and printed["command"] == "evaluate"
+    assert printed["report"] == str(second.dir / "report.html")
     assert second.run_id != first.run_id
     reused = {m["name"]: m["value"] for m in read_metrics(second.metrics).to_pylist()
               if m["stage"] == "groundtruth"}
@@ -63,3 +72,5 @@ def test_evaluate_then_reuse_the_retrains(tmp_path, capsys):
     assert reused["retrains_reused"] == trained["retrains_trained"]
     again = _evaluation(store, capsys)
     assert again[("if_exact", "lds")] == table[("if_exact", "lds")]
+    rows = {r["estimator"]: r for r in printed["rows"]}
+    assert rows["if_exact"]["lds"] == again[("if_exact", "lds")]
