@@ -37,7 +37,14 @@ from storage.store import RunPaths
 from storage.tracking import Tracking
 from storage.views import open_run
 from tasks.config import Config
-from tasks.prune import MOST_HARMFUL, Removal, prune_count, retrain_seeds
+from tasks.prune import (
+    MOST_HARMFUL,
+    Removal,
+    control_removals,
+    prune_count,
+    retrain_seeds,
+    select_samples,
+)
 from tasks.score import SCORE_SCHEMA, target_name
 from tasks.stage import stage
 from tasks.train import load_samples
@@ -253,20 +260,11 @@ def prune_pretraining(run: RunPaths, config: Config, tracking: Tracking) -> list
     ids = work.pretraining.ids
     count = prune_count(config, len(ids))
     seeds = retrain_seeds(config)
-    removals = [Removal("full", s, ()) for s in seeds]
-    for s in seeds:
-        chosen = np.random.default_rng([config.seed, 1000 + s]).choice(ids, count, False)
-        removals.append(Removal("random", s, tuple(sorted(chosen.tolist()))))
+    removals = control_removals(config, ids, count)
     with stage(run, tracking, "prune") as rec, open_run(run) as con:
         rec.params({"fraction": config.prune.fraction, "count": count, "by": ",".join(SCORED)})
         for name in SCORED:
-            params = {"estimator": name, "target": target_name(config), "count": count}
-            harmful = [row[0] for row in con.execute(MOST_HARMFUL, params).fetchall()]
-            write_parquet_atomic(
-                pa.table({"sample_id": pa.array(harmful, pa.int64()),
-                          "rank": pa.array(range(len(harmful)), pa.int64())}),
-                run.dir / "prune" / f"estimator={name}" / "part-0.parquet",
-            )
+            harmful = select_samples(con, run, MOST_HARMFUL, name, target_name(config), count)
             rec.metric("removed", len(harmful), estimator=name)
             removals += [Removal(f"pruned:{name}", s, tuple(harmful)) for s in seeds]
     return removals

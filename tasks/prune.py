@@ -59,6 +59,31 @@ def retrain_seeds(config: Config) -> list[int]:
     return [config.seed + i for i in range(config.prune.seeds)]
 
 
+def control_removals(config: Config, train_ids: np.ndarray, count: int) -> list[Removal]:
+    """The control arms, per retrain seed: full data, and ``count`` random training samples
+    removed (seeded by the run seed and the retrain seed)."""
+    seeds = retrain_seeds(config)
+    removals = [Removal("full", s, ()) for s in seeds]
+    for s in seeds:
+        chosen = np.random.default_rng([config.seed, 1000 + s]).choice(train_ids, count, False)
+        removals.append(Removal("random", s, tuple(sorted(chosen.tolist()))))
+    return removals
+
+
+def select_samples(con, run: RunPaths, query: str, estimator: str, target: str,
+                   count: int) -> list[int]:
+    """The ``count`` sample ids ``query`` picks from ``estimator``'s scores for ``target``, in
+    order; also written to ``prune/estimator=<e>/part-0.parquet`` (sample_id, rank)."""
+    params = {"estimator": estimator, "target": target, "count": count}
+    ids = [row[0] for row in con.execute(query, params).fetchall()]
+    write_parquet_atomic(
+        pa.table({"sample_id": pa.array(ids, pa.int64()),
+                  "rank": pa.array(range(len(ids)), pa.int64())}),
+        run.dir / "prune" / f"estimator={estimator}" / "part-0.parquet",
+    )
+    return ids
+
+
 @task(name="prune", cache_policy=NO_CACHE)
 def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Removal]:
     """The removals to retrain: full data, random, and pruned-by-each-``prune.by``, per seed.
@@ -69,10 +94,7 @@ def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Remov
     train_ids = work.samples.sample_id[work.rows("train")]
     count = removal_count(config, len(train_ids))
     seeds = retrain_seeds(config)
-    removals = [Removal("full", s, ()) for s in seeds]
-    for s in seeds:
-        chosen = np.random.default_rng([config.seed, 1000 + s]).choice(train_ids, count, False)
-        removals.append(Removal("random", s, tuple(sorted(chosen.tolist()))))
+    removals = control_removals(config, train_ids, count)
     known = work.samples.corrupted
     corrupted = {} if known is None else dict(
         zip(work.samples.sample_id.tolist(), known.tolist(), strict=True)
@@ -82,13 +104,7 @@ def prune_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Remov
                     "by": ",".join(config.prune.by), "mode": config.prune.mode})
         query = MOST_HARMFUL if config.prune.mode == "remove" else LEAST_USEFUL
         for name in config.prune.by:
-            params = {"estimator": name, "target": target_name(config), "count": count}
-            ids = [row[0] for row in con.execute(query, params).fetchall()]
-            write_parquet_atomic(
-                pa.table({"sample_id": pa.array(ids, pa.int64()),
-                          "rank": pa.array(range(len(ids)), pa.int64())}),
-                run.dir / "prune" / f"estimator={name}" / "part-0.parquet",
-            )
+            ids = select_samples(con, run, query, name, target_name(config), count)
             rec.metric("removed", len(ids), estimator=name)
             if known is None:
                 log.info("prune: %d most harmful by %s", len(ids), name)

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -35,6 +34,7 @@ from storage.gradient_shards import read_gradient_shard
 from storage.metrics import read_metrics
 from storage.store import RunPaths, Store
 from tasks.config import load_resolved_config
+from tests.flows.run_files import scores_by_estimator
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS = [(stage, n) for n in range(2) for stage in STAGES]
@@ -77,14 +77,6 @@ class Preloaded:
         self.proc.wait(timeout=30)
 
 
-def _scores(run_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for path in sorted((run_dir / "scores").rglob("part-0.parquet")):
-        table = pq.read_table(path).sort_by("sample_id")
-        out[path.parent.parent.name] = table["score"].to_numpy()
-    return out
-
-
 def _finished_stages(run: RunPaths) -> set[str]:
     return set(read_metrics(run.metrics)["stage"].to_pylist())
 
@@ -124,7 +116,7 @@ def reference(sieve, tmp_path_factory):
     seconds = {m["stage"]: m["value"] for m in metrics
                if m["name"] == "seconds" and m["estimator"] is None}
     assert set(seconds) == set(STAGES)
-    return data, _scores(run.dir), seconds
+    return data, scores_by_estimator(run.dir), seconds
 
 
 def _kill_inside(sieve: Preloaded, stage: str, store: Store, data: Path, delay: float) -> bool:
@@ -192,14 +184,14 @@ def _trial(sieve: Preloaded, reference, stage: str, n: int, tmp_path: Path) -> t
     assert sieve.run(["run", "--store", str(store.root), "--resume", run.run_id]) == 0, stage
     assert _finished_stages(run) == set(STAGES)
     assert not list(run.dir.rglob(".*.tmp-*")), "a killed writer's temporary file was left"
-    resumed = _scores(run.dir)
+    resumed = scores_by_estimator(run.dir)
     assert resumed.keys() == expected.keys()
     for name in expected:  # bit-identical
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=f"{stage} #{n}")
     return attempt, delay
 
 
-def test_killed_runs_resume_to_the_uninterrupted_scores(sieve, reference, tmp_path):
+def test_killed_runs_resume_to_the_uninterruptedscores_by_estimator(sieve, reference, tmp_path):
     with ThreadPoolExecutor(max_workers=2) as pool:  # two trials at a time, on two cores
         attempts = list(pool.map(lambda t: _trial(sieve, reference, *t, tmp_path), TRIALS))
     seconds = reference[2]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.tiny import run_args, write_data
@@ -16,11 +15,7 @@ from storage.errors import BadInput
 from storage.gradient_shards import complete_shards, read_gradient_shard
 from storage.metrics import read_metrics
 from storage.store import Store
-
-
-def _scores(run) -> dict[str, np.ndarray]:
-    return {p.parent.parent.name: pq.read_table(p).sort_by("sample_id")["score"].to_numpy()
-            for p in sorted(run.scores_root.rglob("part-0.parquet"))}
+from tests.flows.run_files import scores_by_estimator
 
 
 def _flip_a_gradient_byte(path) -> None:
@@ -45,7 +40,7 @@ def test_damaged_gradient_shard_is_recomputed_on_resume(tmp_path):
     store = Store(tmp_path / "store")
     assert main(run_args(store.root, write_data(tmp_path / "tiny.parquet"))) == 0
     run = store.latest_run()
-    before = _scores(run)
+    before = scores_by_estimator(run.dir)
     shards = sorted(run.gradients_root.rglob("part-*.parquet"))
     damaged = complete_shards(run.gradients_dir(0, "train"))[1]
     _flip_a_gradient_byte(damaged)
@@ -64,7 +59,7 @@ def test_damaged_gradient_shard_is_recomputed_on_resume(tmp_path):
     metrics = {(m["stage"], m["name"]): m["value"] for m in read_metrics(run.metrics).to_pylist()}
     assert metrics[("gradients", "shards_computed")] == 1
     assert metrics[("gradients", "shards_skipped")] == len(shards) - 1
-    after = _scores(run)
+    after = scores_by_estimator(run.dir)
     assert after.keys() == before.keys()
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from flows.cli import main
 from storage.metrics import read_metrics
 from storage.store import Store
 from tests.flows.conftest import SMALL, sets
+from tests.flows.run_files import scores_by_estimator
 
 SIEVE = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
 
@@ -24,15 +24,6 @@ SIEVE = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit
 def _shards(run_dir: Path) -> dict[Path, tuple[int, int]]:
     files = (run_dir / "gradients").rglob("part-*.parquet")
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
-
-
-def _scores(run_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for path in sorted((run_dir / "scores").rglob("part-0.parquet")):
-        table = pq.read_table(path).sort_by("sample_id")
-        out[path.parent.parent.name] = table["score"].to_numpy()
-    return out
-
 
 
 def test_killed_run_resumes_from_complete_shards(small_run, tmp_path):
@@ -68,7 +59,7 @@ def test_killed_run_resumes_from_complete_shards(small_run, tmp_path):
     metrics = {(m["stage"], m["name"]): m["value"] for m in read_metrics(run.metrics).to_pylist()}
     assert metrics[("gradients", "shards_skipped")] == len(before)
     assert metrics[("gradients", "shards_computed")] == total - len(before)
-    resumed, uninterrupted = _scores(run.dir), _scores(reference.dir)
+    resumed, uninterrupted = scores_by_estimator(run.dir), scores_by_estimator(reference.dir)
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
