@@ -114,24 +114,24 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
 
 
 def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
-    """Validate, then run flow ``flow_name`` (pipeline or evaluate) and print its table."""
+    """Validate, then run flow ``flow_name`` (pipeline, evaluate or multistage) and print its
+    table (or, with --quiet, only the run id; with --json, one JSON object)."""
     config, run_id = _config_and_run_id(args, store)
     if config.multistage is not None:
         flow_name = _multistage_flow(config, flow_name)
     from flows import report
     from flows.environment import start_local_api
     from flows.evaluate import evaluate
+    from flows.json_summary import summary_json
     from flows.multistage import multistage
     from flows.pipeline import pipeline
     from flows.runner import with_runner
+    from flows.terminal import flow_output
 
     flow, show = {"pipeline": (pipeline, report.print_run_summary),
                   "evaluate": (evaluate, report.print_evaluation),
                   "multistage": (multistage, report.print_multistage)}[flow_name]
     flow = with_runner(flow, config)
-    from flows.json_summary import summary_json
-    from flows.terminal import flow_output
-
     if args.quiet and not args.json:
         print(run_id, flush=True)
     started = time.perf_counter()
