@@ -40,11 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="run the main flow")
-    run.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.epochs=10")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
-    _add_output_flags(run)
+    _add_flow_flags(run, "train.epochs=10", "run")
     run.set_defaults(command=cmd_run)
 
     query = sub.add_parser("query", parents=[common], help="SQL over a run's tables (DuckDB)")
@@ -55,11 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", parents=[common],
                               help="counterfactual evaluation: LOO, LDS, detection, prune curve")
-    evaluate.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config key, e.g. --set model.name=logreg")
-    evaluate.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted evaluation")
-    _add_output_flags(evaluate)
+    _add_flow_flags(evaluate, "model.name=logreg", "evaluation")
     evaluate.set_defaults(command=cmd_evaluate)
 
     runs = sub.add_parser("runs", parents=[common], help="list the store's runs")
@@ -67,14 +59,27 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common],
                            help="Prefect server + MLflow UI, and the flows' deployments")
-    serve.add_argument("-c", "--config", help="YAML config: deployments' defaults, serve.*")
-    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set serve.prefect_port=4300")
+    _add_config_flags(serve, "serve.prefect_port=4300",
+                      "YAML config: deployments' defaults, serve.*")
     serve.add_argument("--host", help="address the servers bind (default: serve.host, 127.0.0.1)")
     serve.add_argument("--prefect-port", type=int, help="default: serve.prefect_port, 4200")
     serve.add_argument("--mlflow-port", type=int, help="default: serve.mlflow_port, 5000")
     serve.set_defaults(command=cmd_serve)
     return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, example: str,
+                      config_help: str = "YAML config (default: the embedded default)") -> None:
+    parser.add_argument("-c", "--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example}")
+
+
+def _add_flow_flags(parser: argparse.ArgumentParser, example: str, what: str) -> None:
+    """-c/--set, --resume and the output flags of a command that runs a flow."""
+    _add_config_flags(parser, example)
+    parser.add_argument("--resume", metavar="RUN_ID", help=f"continue an interrupted {what}")
+    _add_output_flags(parser)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
