@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality [--quick] [--store DIR] [--estimators all|a,b]
                                  [--peers all|none|a,b] [--workloads digits-logreg,digits-mlp]
+                                 [--ensemble K]
 
 For each workload it runs Sieve's counterfactual evaluation (``flows.evaluate.evaluate``, what
 ``sieve evaluate`` runs: LOO, LDS, noisy-label detection, prune-and-retrain against random
@@ -20,6 +21,13 @@ for the same summed-validation-loss scores, one torch thread each. ``time × Sie
 peer's seconds over those of Sieve's estimator of the same family and, for a family that reads
 stored gradients, over those plus the whole gradients stage (an upper bound on Sieve's
 end-to-end cost: that stage also computes the test-target gradients and every checkpoint's).
+
+``--ensemble K`` adds rows ``sieve <name> ×K``: a second ``sieve evaluate`` of the same workload
+with ``train.models=K`` (every estimator that reads a model averages its scores over K
+independently trained models, ``estimators/model_ensemble.py``), judged on the same retrains
+(the retrain cache key excludes ``train.models``). Their seconds include the K - 1 extra models'
+per-sample gradients (computed in the score stage); the training of all K models is printed
+under the table beside that of one. Peers stay on model 0.
 """
 
 from __future__ import annotations
@@ -79,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="don't retrain peers' pruned sets (their prune gain reads 'not run')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Sieve config override for every workload")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="also evaluate Sieve with train.models=K (rows 'sieve <name> ×K')")
     p.add_argument("--json", help="also write the results here")
     return p
 
@@ -232,6 +242,14 @@ def table_rows(result: dict) -> list[list[str]]:
                      _fmt(r.get("loo_spearman")), _fmt(r.get("detection_auc")),
                      _fmt(None if gain is None else 100 * gain, 2), _fmt(r.get("seconds"), 2),
                      ""])
+    ensemble = result.get("ensemble")
+    for name in ensemble["estimators"] if ensemble else ():
+        r = ensemble["sieve"][name]
+        gain = r.get(f"prune_gain@{q}")
+        rows.append([f"sieve {name} ×{ensemble['models']}", _lds(r), _fmt(r.get("loo_pearson")),
+                     _fmt(r.get("loo_spearman")), _fmt(r.get("detection_auc")),
+                     _fmt(None if gain is None else 100 * gain, 2), _fmt(r.get("seconds"), 2),
+                     ""])
     for p in result["peers"]:
         if not p["ok"]:
             rows.append([p["peer"], f"failed: {p['error']}", "–", "–", "–", "–", "–", "–"])
@@ -282,6 +300,17 @@ def print_result(result: dict, console) -> None:
         f"{_fmt(grad, 1)} s (shared by the gradient-based estimators, not in their seconds); "
         f"ground truth re-check {result['truth_check']:.1e}"
     )
+    ensemble = result.get("ensemble")
+    if ensemble:
+        console.print(
+            f"×{ensemble['models']} rows: run {ensemble['run_id']} (train.models="
+            f"{ensemble['models']}, {ensemble['evaluate_seconds']:.0f} s evaluation); training "
+            f"{ensemble['models']} models {_fmt(ensemble['train_seconds'], 1)} s (1 model: "
+            f"{_fmt(result.get('train_seconds'), 1)} s); gradients stage (model 0) "
+            f"{_fmt(ensemble['gradients_seconds'], 1)} s; the other models' gradients are in "
+            f"the rows' seconds; ground truth re-check against the peers' "
+            f"{ensemble['truth_check']:.1e}"
+        )
     failed = [p for p in result["peers"] if not p["ok"]]
     ran = [f"{p['peer']} {p['cpu_seconds'] / p['seconds']:.2f}" if p.get("cpu_seconds")
            else p["peer"] for p in result["peers"] if p["ok"]]
@@ -316,6 +345,8 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
     q = min(fractions, key=lambda f: abs(f - PRUNE_Q))
     truth = load_ground_truth(str(store.root), run_id)
     check = truth_check(truth, estimators, table)
+    ensemble = (evaluate_ensemble(overrides, store, args.ensemble, truth, estimators)
+                if args.ensemble > 1 else None)
     timeout = args.peer_timeout or (60.0 if args.quick else 300.0)
     peer_rows = []
     for peer in peers:
@@ -346,6 +377,7 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
         "full_accuracy": table["full_data"]["test_accuracy"],
         "random_accuracy": table["random_removal"][f"prune_accuracy@{q}"],
         "gradients_seconds": _stage_seconds(run, "gradients"), "truth_check": check,
+        "train_seconds": _stage_seconds(run, "train"), "ensemble": ensemble,
         "gradient_estimators": [e.name for e in config.estimators
                                 if make_estimator(e.name, **e.options).needs.gradients],
         "n_train": int(len(truth.train_ids)), "lds_subsets": int(len(truth.membership)),
@@ -353,8 +385,36 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
     }
 
 
+def evaluate_ensemble(overrides: list[str], store, models: int, truth, estimators: list[str]
+                      ) -> dict:
+    """``sieve evaluate`` of the same workload with ``train.models=models``; its rows judged
+    (re-check) against ``truth``, the single-model run's ground truth that peers face."""
+    import dataclasses
+
+    from flows.evaluate import evaluate
+    from tasks.config import load_config
+
+    config = load_config(None, [*overrides, f"train.models={models}"])
+    run_id = store.new_run_id()
+    print(f"[quality] ensemble of {models} models: run {run_id} ...", file=sys.stderr,
+          flush=True)
+    started = time.perf_counter()
+    evaluate(config=config, store=str(store.root), run_id=run_id)
+    seconds = time.perf_counter() - started
+    run = store.existing_run(run_id)
+    table = read_evaluation(run.evaluation)
+    check = truth_check(dataclasses.replace(truth, run=run), estimators, table)
+    return {"models": models, "run_id": run_id, "evaluate_seconds": seconds,
+            "estimators": estimators, "sieve": {e: table[e] for e in estimators},
+            "train_seconds": _stage_seconds(run, "train"),
+            "gradients_seconds": _stage_seconds(run, "gradients"), "truth_check": check}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.ensemble < 1:
+        print("error: --ensemble must be >= 1", file=sys.stderr)
+        return 2
     from benchmarks.quality_peers import peer_names
 
     workloads = [w.strip() for w in (args.workloads or (QUICK_WORKLOADS if args.quick

@@ -1,8 +1,9 @@
 """Section 3: gradient shard read throughput, ``storage.gradient_shards.read_gradient_shard``
-(``fixed_size_binary(4k)`` raw float32) vs pyarrow reading the same gradients stored as a
-``fixed_size_list<float32>`` column. Same rows, both uncompressed, no dictionary, the same
-row-group size; files are read warm (from the page cache): one warm-up read each, then ``repeats``
-timed reads round-robin, median.
+(``fixed_size_binary(4k)`` raw float32) and the streaming reader ``iter_gradient_blocks`` (with
+and without its sha256 check; blocks consumed as they come, nothing kept) vs pyarrow reading
+the same gradients stored as a ``fixed_size_list<float32>`` column. Same rows, both
+uncompressed, no dictionary, the same row-group size; files are read warm (from the page
+cache): one warm-up read each, then ``repeats`` timed reads round-robin, median.
 GB/s counts the gradient payload (m * k * 4 bytes), 1 GB = 1e9 bytes.
 """
 
@@ -22,6 +23,7 @@ from benchmarks._measure import measure_interleaved, one_line, release_memory
 from storage.gradient_shards import (
     ROW_GROUP_SIZE,
     ShardMeta,
+    iter_gradient_blocks,
     read_gradient_shard,
     write_gradient_shard,
 )
@@ -47,6 +49,11 @@ def _list_to_tensor(path: Path) -> torch.Tensor:
         return torch.from_numpy(column.flatten().to_numpy().reshape(-1, k))
 
 
+def _stream(path: Path, verify: bool) -> int:
+    """Stream every block of the shard (each a view, dropped at once); the rows seen."""
+    return sum(len(ids) for ids, _ in iter_gradient_blocks(path, verify=verify))
+
+
 def run_section(quick: bool, repeats: int = 3) -> dict:
     m, k = (2048, 1024) if quick else (8192, 4810)
     grads = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
@@ -62,6 +69,10 @@ def run_section(quick: bool, repeats: int = 3) -> dict:
         _write_list(listed, ids, grads)
         methods: list[tuple[str, str, Callable[[], object], bool]] = [
             (SIEVE, binary.name, lambda: read_gradient_shard(binary)[1], True),
+            ("Sieve iter_gradient_blocks, checksum verified (streamed blocks)", binary.name,
+             lambda: _stream(binary, verify=True), False),
+            ("Sieve iter_gradient_blocks, checksum not verified (streamed blocks)", binary.name,
+             lambda: _stream(binary, verify=False), False),
             ("pyarrow read_table + to (m, k) tensor, fixed_size_list<float32>", listed.name,
              lambda: _list_to_tensor(listed), True),
             ("pyarrow read_table only (Arrow table), fixed_size_list<float32>", listed.name,

@@ -10,6 +10,7 @@ from estimators.base import (
     Estimator,
     GradientSource,
     Needs,
+    PairwiseVectors,
     ScoringContext,
 )
 from estimators.gradient_source import InMemoryGradients
@@ -24,6 +25,7 @@ __all__ = [
     "GradientSource",
     "InMemoryGradients",
     "Needs",
+    "PairwiseVectors",
     "ScoringContext",
     "make_estimator",
     "per_sample_gradients",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from estimators.base import GradientSource, Needs, ScoringContext
+from estimators.base import Estimator, GradientSource, Needs, ScoringContext
+from estimators.blockwise import pairwise_matrix
 from estimators.gradient_source import InMemoryGradients
 
 ShardFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -58,27 +60,28 @@ def target_dots(source: GradientSource, checkpoint: int) -> tuple[np.ndarray, li
     return stream(source, checkpoint, lambda g: (g @ g_v, (g * g).sum(dim=1)))
 
 
-def pairwise_dots(
+def target_vectors(
     source: GradientSource,
     checkpoint: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train x target inner products at ``checkpoint``: (train ids (n,), target ids (m,),
-    (n, m) float64) with entries ``g_z . transform(G_t)[j]``; ``transform`` maps the target
-    rows (m, d) float64 to (m, d) (e.g. an inverse-curvature solve); ``normalize`` divides by
-    the norms (cosine)."""
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Target ids (T,) int64 and the target rows at ``checkpoint`` as (T, k) float64 vectors:
+    ``transform(rows)`` when given (e.g. an inverse-curvature solve, (T, k) to (T, k)), divided
+    by their norms + 1e-12 when ``normalize`` (cosine)."""
     target_ids, rows = source.target_rows(checkpoint)
     rows = rows.to(torch.float64)
     if transform is not None:
         rows = transform(rows)
     if normalize:
         rows = rows / (torch.linalg.vector_norm(rows, dim=1, keepdim=True) + 1e-12)
+    return np.asarray(target_ids, dtype=np.int64), rows
 
-    def dots(g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if normalize:
-            g = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + 1e-12)
-        return tuple((g @ rows.T).T)
 
-    ids, columns = stream(source, checkpoint, dots)
-    return ids, np.asarray(target_ids, dtype=np.int64), np.stack(columns, axis=1)
+def linear_pairwise(
+    estimator: Estimator, ctx: ScoringContext
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pairwise`` of an estimator with ``pairwise_vectors``: its vectors scored against every
+    train block and gathered, (train ids (n,), target ids (T,), (n, T) float64)."""
+    ctx = replace(ctx, gradients=gradient_source(ctx, estimator.needs))
+    return pairwise_matrix(ctx.gradients, estimator.pairwise_vectors(ctx))

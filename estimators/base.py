@@ -110,6 +110,27 @@ class Attribution:
     suspicion: np.ndarray | None = None
 
 
+@dataclass
+class PairwiseVectors:
+    """Target vectors of train x target scores that are linear in the stored train gradients:
+
+        ``scores[z, t] = sum_c u_z(c) . vectors[c][t]``
+
+    over the checkpoint indices c in ``vectors`` (each (T, k) float64, rows aligned with
+    ``target_ids`` (T,) int64), with u_z(c) (k,) training sample z's stored gradient at c
+    (``GradientSource.train_shards``), divided by ``||u_z(c)|| + eps`` when ``normalize``
+    (cosine). Project sign: > 0 means z is beneficial to target t. Examples: IP ``vectors =
+    {final: G_t}``; TracIn ``{c: lr_c G_t(c)}``; influence functions ``{final: G_t H^{-1}}``.
+    Memory is T x k per checkpoint, whatever n; ``estimators.blockwise.stream_pairwise`` scores
+    the train gradients against them block by block.
+    """
+
+    target_ids: np.ndarray
+    vectors: dict[int, torch.Tensor]
+    normalize: bool = False
+    eps: float = 1e-12
+
+
 class Estimator(ABC):
     """A training-data attribution method. Subclasses set ``name`` and ``needs``."""
 
@@ -124,3 +145,10 @@ class Estimator(ABC):
         """Train x target scores for single target samples: (train ids (n,), target ids (m,),
         scores (n, m) float64, project sign). Estimators that can't do this raise."""
         raise NotImplementedError(f"{self.name} has no train x test attributions")
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """The target vectors of ``pairwise`` when its scores are linear in the stored train
+        gradients (``PairwiseVectors``), so they can be streamed block by block with memory
+        independent of n; ``pairwise`` then equals ``blockwise.pairwise_matrix`` of them.
+        Estimators whose scores are not of that form raise (and keep ``pairwise`` only)."""
+        raise NotImplementedError(f"{self.name} has no linear train x test form")

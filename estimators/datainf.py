@@ -28,8 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from estimators._streaming import gradient_source, stream
-from estimators.base import Attribution, Estimator, GradientSource, Needs, ScoringContext
+from estimators._streaming import gradient_source, linear_pairwise, stream
+from estimators.base import (
+    Attribution,
+    Estimator,
+    GradientSource,
+    Needs,
+    PairwiseVectors,
+    ScoringContext,
+)
 
 
 def parameter_layers(model: nn.Module) -> list[tuple[str, slice]]:
@@ -163,11 +170,15 @@ class DataInf(Estimator):
         """Scores against single target rows (``GradientSource.target_rows``): (train ids (n,),
         target ids (m,), (n, m) float64), same sign; h is linear in v, so the columns sum to
         ``score`` when the target rows sum to the summed target gradient."""
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{final: h_t}``: each target row's DataInf vector (two passes over the train
+        shards, memory O(m d)); the scores ``g_z . h_t`` are linear in the train gradients."""
         source = gradient_source(ctx, self.needs)
         ckpt = ctx.final.index
         target_ids, rows = source.target_rows(ckpt)
         rows = rows.to(torch.float64)
         layers = self._layers(ctx, rows.shape[1])
         h, _, _, _ = self._inverse_targets(source, ckpt, layers, rows, ctx.weight_decay, False)
-        ids, columns = stream(source, ckpt, lambda g: tuple((g.to(h.device) @ h.T).T))
-        return ids, np.asarray(target_ids, dtype=np.int64), np.stack(columns, axis=1)
+        return PairwiseVectors(np.asarray(target_ids, dtype=np.int64), {ckpt: h})

@@ -57,6 +57,11 @@ class InMemoryGradients:
         """The checkpoint indices held, sorted."""
         return sorted(self._train)
 
+    @property
+    def has_target_rows(self) -> bool:
+        """Whether per-row target gradients are held (``target_rows`` works)."""
+        return self._target_rows is not None
+
     def train_matrix(self, checkpoint: int) -> torch.Tensor:
         """All train gradients at ``checkpoint``: (n, d), rows aligned with ``train_ids``."""
         return self._train[self._check(checkpoint)]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from estimators._streaming import gradient_source, pairwise_dots, stream
-from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from estimators._streaming import gradient_source, linear_pairwise, stream, target_vectors
+from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
 from estimators.per_sample import flat_parameters, parameter_count, parameter_order
 
 Curvature = Literal["ggn", "hessian"]
@@ -188,9 +188,15 @@ class ExactInfluence(Estimator):
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``G_train H_total^{-1} G_t^T``: (train ids, target ids, (n, m)), same sign."""
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{final: G_t H_total^{-1}}`` (H_total symmetric): one Cholesky solve per target."""
         factor = self._factor(ctx)
 
         def solve(rows: torch.Tensor) -> torch.Tensor:
             return torch.cholesky_solve(rows.to(factor.device).T, factor).T
 
-        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index, transform=solve)
+        index = ctx.final.index
+        target_ids, rows = target_vectors(gradient_source(ctx, self.needs), index, solve)
+        return PairwiseVectors(target_ids, {index: rows})

@@ -9,8 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from estimators._streaming import gradient_source, pairwise_dots, stream, target_dots
-from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from estimators._streaming import (
+    gradient_source,
+    linear_pairwise,
+    stream,
+    target_dots,
+    target_vectors,
+)
+from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
 
 
 class InnerProduct(Estimator):
@@ -30,7 +36,13 @@ class InnerProduct(Estimator):
         return Attribution(sample_ids=ids, score=scores, suspicion=self_ip)
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index)
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{final: G_t}``: the target rows' gradients at theta_final."""
+        index = ctx.final.index
+        target_ids, rows = target_vectors(gradient_source(ctx, self.needs), index)
+        return PairwiseVectors(target_ids, {index: rows})
 
 
 class CosineInnerProduct(Estimator):
@@ -58,4 +70,11 @@ class CosineInnerProduct(Estimator):
         return Attribution(sample_ids=ids, score=scores, suspicion=None)
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return pairwise_dots(gradient_source(ctx, self.needs), ctx.final.index, normalize=True)
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{final: G_t / ||G_t||}`` with the train rows normalized too: each entry a cosine
+        (every target row normalized on its own)."""
+        index = ctx.final.index
+        target_ids, rows = target_vectors(gradient_source(ctx, self.needs), index, normalize=True)
+        return PairwiseVectors(target_ids, {index: rows}, normalize=True, eps=self.eps)

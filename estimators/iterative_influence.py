@@ -24,8 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from estimators._streaming import gradient_source, stream
-from estimators.base import Attribution, Estimator, GradientSource, Needs, ScoringContext
+from estimators._streaming import gradient_source, linear_pairwise, stream
+from estimators.base import (
+    Attribution,
+    Estimator,
+    GradientSource,
+    Needs,
+    PairwiseVectors,
+    ScoringContext,
+)
 from estimators.hvp import MatVec, curvature_operator, power_iteration
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
@@ -251,13 +258,16 @@ class _IterativeInfluence(Estimator):
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``scores[i, t] = g_i . A^{-1} g_t`` for train row i and target row t: (n, m) float64."""
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{final: (A^{-1} G_t^T)^T}``: every target row's gradient solved at once."""
         problem = self._problem(ctx)
         source = gradient_source(ctx, self.needs)
         target_ids, rows = _target_rows(ctx, source, problem.model)
         self._check(rows, problem.d)
         solved = self._solver(ctx, problem)(rows.to(ctx.device).T)  # (d, m)
-        ids, (scores,) = stream(source, ctx.final.index, lambda g: (g.to(solved.device) @ solved,))
-        return ids, target_ids, scores
+        return PairwiseVectors(target_ids, {ctx.final.index: solved.T})
 
 
 class ConjugateGradientInfluence(_IterativeInfluence):

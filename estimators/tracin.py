@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from estimators._streaming import align, gradient_source, pairwise_dots, target_dots
-from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from estimators._streaming import (
+    align,
+    gradient_source,
+    linear_pairwise,
+    target_dots,
+    target_vectors,
+)
+from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
 
 
 class TracIn(Estimator):
@@ -39,11 +45,18 @@ class TracIn(Estimator):
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``sum_c lr_c G_train(c) G_t(c)^T``: (train ids, target ids, (n, m))."""
+        return linear_pairwise(self, ctx)
+
+    def pairwise_vectors(self, ctx: ScoringContext) -> PairwiseVectors:
+        """``{c: lr_c G_t(c)}`` for every checkpoint c (the train rows of all checkpoints are
+        streamed in step, so they must come in the same order at each)."""
+        if not ctx.checkpoints:
+            raise ValueError("TracIn needs at least one checkpoint")
         source = gradient_source(ctx, self.needs)
-        first, *rest = ctx.checkpoints
-        ids, target_ids, matrix = pairwise_dots(source, first.index)
-        matrix = first.lr * matrix
-        for ckpt in rest:
-            c_ids, _, m = pairwise_dots(source, ckpt.index)
-            matrix += ckpt.lr * align(ids, c_ids, m)
-        return ids, target_ids, matrix
+        target_ids, vectors = None, {}
+        for ckpt in ctx.checkpoints:
+            ids, rows = target_vectors(source, ckpt.index)
+            if target_ids is not None and not np.array_equal(ids, target_ids):
+                raise ValueError("checkpoints disagree on the target rows")
+            target_ids, vectors[ckpt.index] = ids, ckpt.lr * rows
+        return PairwiseVectors(target_ids, vectors)

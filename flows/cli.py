@@ -22,8 +22,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    store = Store(args.store) if args.store else Store.default()
     try:
+        store = Store(args.store) if args.store else Store.default()
+        store.check_reachable()
         return args.command(args, store)
     except BadInput as exc:
         reason = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # always one line
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    store_help = "store folder (default: $SIEVE_STORE or ./sieve-store)"
+    store_help = "store folder or fsspec URL, e.g. s3://bucket/prefix (default: $SIEVE_STORE " \
+                 "or ./sieve-store)"
     parser = _Parser(prog="sieve", description=__doc__)
     parser.add_argument("--store", help=store_help)
     common = _Parser(add_help=False)
@@ -94,7 +96,7 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
     """The validated config and run id of a new run, or of the run ``--resume`` names."""
     from flows.environment import configure
 
-    configure(store.root)  # before anything imports Prefect: it reads its settings then
+    configure(store.local_dir)  # before anything imports Prefect: it reads its settings then
     from storage.checkpoints import read_checkpoint_index, verify_checkpoints
     from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight

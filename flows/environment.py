@@ -16,12 +16,13 @@ DEFAULTS = {
 }
 
 
-def configure(store_root: Path) -> None:
-    """Embedded defaults: Prefect's local API with its home inside the store (unless the user
-    points PREFECT_HOME / PREFECT_API_URL elsewhere), telemetry off."""
+def configure(local_dir: Path) -> None:
+    """Embedded defaults: Prefect's local API with its home in the store's local folder
+    (``Store.local_dir``; unless the user points PREFECT_HOME / PREFECT_API_URL elsewhere),
+    telemetry off."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(store_root / ".prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(local_dir / ".prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 

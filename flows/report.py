@@ -13,6 +13,7 @@ from flows.evaluate import EvaluationSummary
 from flows.multistage import MultistageSummary
 from flows.pipeline import RunSummary
 from flows.utility_report import arm_label, print_utility
+from storage.location import is_url
 from storage.metrics import read_metrics
 from storage.store import Store
 from tasks.config import Config
@@ -64,15 +65,17 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         "\nnext:\n"
         f"  sieve query --store {store} --run {summary.run_id} "
         "\"select estimator, avg(score) from scores group by 1\"\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{store}/mlflow.db   "
+        f"  mlflow ui --backend-store-uri {Store(store).mlflow_uri}   "
         f"(parent run {summary.mlflow_run_id})"
     )
 
 
 def _print_report(console: Console, report: str | None) -> None:
-    """``report: file:///.../runs/<id>/report.html`` (the run's HTML report), when written."""
+    """``report: file:///.../runs/<id>/report.html`` (the run's HTML report; its URL in a URL
+    store), when written."""
     if report:
-        console.print(f"report: {Path(report).as_uri()}", soft_wrap=True, markup=False,
+        link = report if is_url(report) else Path(report).as_uri()
+        console.print(f"report: {link}", soft_wrap=True, markup=False,
                       highlight=False)
 
 
@@ -106,7 +109,7 @@ def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float)
     console.print(
         f"\nnext:\n  sieve query --store {summary.store} --run {summary.run_id} "
         "\"select * from evaluation where metric = 'lds' order by value desc\"\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{summary.store}/mlflow.db"
+        f"  mlflow ui --backend-store-uri {Store(summary.store).mlflow_uri}"
     )
 
 
@@ -144,7 +147,7 @@ def print_multistage(summary: MultistageSummary, config: Config, seconds: float)
     console.print(
         f"\nnext:\n  sieve query --store {summary.store} --run {summary.run_id} "
         "\"select estimator, min(score), avg(score) from scores group by 1\"\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{summary.store}/mlflow.db   "
+        f"  mlflow ui --backend-store-uri {Store(summary.store).mlflow_uri}   "
         f"(parent run {summary.mlflow_run_id})"
     )
 

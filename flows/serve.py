@@ -26,7 +26,7 @@ def serve(store: Store, config_path: str | None, overrides: list[str],
     """Serve until interrupted; ``host`` and the ports, when given, replace ``serve.*``.
     Bad input raises BadInput: the config, cron strings and ports before anything starts; the
     deployments (built while the servers boot) before anything is served."""
-    configure(store.root)
+    configure(store.local_dir)
     from tasks.config import load_config
 
     config = load_config(config_path, overrides)
@@ -71,7 +71,7 @@ def _serve(served: list, servers: Servers, store: Store) -> None:
     os.environ["SIEVE_STORE"] = str(store.root)  # and where their runs go
     with temporary_settings(updates={PREFECT_API_URL: servers.prefect_api}):
         print(f"Prefect UI {servers.prefect}  MLflow UI {servers.mlflow}  store {store.root}\n"
-              f"server logs in {store.root / 'serve'}; Ctrl-C stops everything", flush=True)
+              f"server logs in {store.local_dir / 'serve'}; Ctrl-C stops everything", flush=True)
         serve_deployments(*served, pause_on_shutdown=False, query_seconds=RUNNER_POLL_S)
 
 

@@ -59,7 +59,7 @@ def running_servers(store: Store, host: str, prefect_port: int,
                     mlflow_port: int) -> Iterator[Servers]:
     """Start the Prefect and MLflow servers (on free ports: see ``check_port_free``) and yield
     at once (they take seconds to answer: see ``Servers.wait_healthy``); stop them on exit."""
-    logs = store.root / "serve"
+    logs = store.local_dir / "serve"
     logs.mkdir(parents=True, exist_ok=True)
     store.artifact_root.mkdir(parents=True, exist_ok=True)
     prefect = f"http://{host}:{prefect_port}"

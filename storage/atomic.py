@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.location import StorePath, input_file, is_remote, store_path, streamed_file
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -25,15 +28,23 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; write it inside the block.
+def atomic_path(path: StorePath) -> Iterator[Path]:
+    """Yield a temporary local path; write it inside the block.
 
     On normal exit the temporary file is fsync'd and renamed onto ``path`` (replacing any old
     file). On an exception it is removed and ``path`` is left untouched. Parent directories are
     created. The temporary name is hidden (``.{name}.tmp-{pid}-{random}``), so globs such as
-    ``part-*.parquet`` never match it.
+    ``part-*.parquet`` never match it. When ``path`` is a URL the temporary file (named like
+    ``path``) is in a local temporary folder and is uploaded in one PUT, which an object store
+    makes visible only once complete (a temporary object and a move would be a copy there).
     """
-    path = Path(path)
+    path = store_path(path)
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="sieve-upload-") as folder:
+            tmp = Path(folder) / path.name
+            yield tmp
+            path.fs.put_file(str(tmp), path.path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -47,53 +58,58 @@ def atomic_path(path: Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, **write_kwargs: object) -> None:
+def write_parquet_atomic(table: pa.Table, path: StorePath, **write_kwargs: object) -> None:
     """Write ``table`` to ``path`` atomically; ``write_kwargs`` go to ``pq.write_table``."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **write_kwargs)
 
 
-def write_bytes_atomic(data: bytes, path: Path) -> None:
+def write_bytes_atomic(data: bytes, path: StorePath) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: StorePath) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes_atomic(text.encode("utf-8"), path)
 
 
-def read_parquet_table(path: Path, *, memory_map: bool = False, **read_kwargs: object) -> pa.Table:
-    """Read a whole Parquet file through ONE open handle.
+def read_parquet_table(
+    path: StorePath, *, memory_map: bool = False, **read_kwargs: object
+) -> pa.Table:
+    """Read a whole Parquet file through ONE open handle (a URL: one request).
 
     ``pq.read_table(path)`` opens the path twice (footer, then data), so an atomic replace in
     between can pair one version's footer with the other's pages. Reading through a single
     handle always sees exactly one version. Raises what pyarrow raises (FileNotFoundError,
     ``pa.ArrowException``, OSError).
     """
-    opener = pa.memory_map if memory_map else pa.OSFile
-    with opener(str(path)) as source:
+    with input_file(store_path(path), memory_map=memory_map) as source:
         return pq.read_table(source, **read_kwargs)
 
 
-def read_parquet_schema(path: Path) -> pa.Schema:
+def read_parquet_schema(path: StorePath) -> pa.Schema:
     """The Arrow schema (with its metadata) of a Parquet file, reading only the footer."""
-    with pa.OSFile(str(path)) as source:
+    with streamed_file(store_path(path)) as source:
         return pq.ParquetFile(source).schema_arrow
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 
 
-def remove_stale_temporaries(directory: Path) -> list[Path]:
+def remove_stale_temporaries(directory: StorePath) -> list[Path]:
     """Delete the temporary files (``.{name}.tmp-{pid}-{hex}``) under ``directory`` left by
     writers that died (no process ``pid`` is alive), e.g. a run killed mid-write; return them.
 
     Final files are never touched, nor a temporary file whose writer may still be running.
+    A URL's folder holds none (its writers upload complete files only).
     """
+    directory = store_path(directory)
+    if is_remote(directory):
+        return []
     removed = []
-    for path in Path(directory).rglob(".*.tmp-*"):
+    for path in directory.rglob(".*.tmp-*"):
         m = _TEMPORARY.match(path.name)
         if m and path.is_file() and not _alive(int(m.group(1))):
             path.unlink(missing_ok=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -13,6 +13,7 @@ import torch
 
 from storage.atomic import atomic_path, read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
+from storage.location import StorePath, is_remote, is_within, joined, location, resolved, store_path
 
 INDEX_NAME = "index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -54,35 +55,38 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    with open(path, "rb") as f:
+def file_sha256(path: StorePath) -> str:
+    """Hex sha256 of a file's bytes (local or a URL)."""
+    with store_path(path).open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save_checkpoint(directory: Path, step: int, state_dict: Mapping[str, Any]) -> tuple[Path, str]:
+def save_checkpoint(
+    directory: StorePath, step: int, state_dict: Mapping[str, Any]
+) -> tuple[StorePath, str]:
     """``torch.save`` a state_dict to ``directory/step-<step>.pt`` atomically.
 
     Returns (path, sha256 of the file).
     """
-    path = Path(directory) / f"step-{int(step)}.pt"
+    path = store_path(directory) / f"step-{int(step)}.pt"
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)  # keeps an OrderedDict's _metadata (module versions)
         sha = file_sha256(tmp)
     return path, sha
 
 
-def write_checkpoint_index(directory: Path, records: list[CheckpointRecord]) -> None:
+def write_checkpoint_index(directory: StorePath, records: list[CheckpointRecord]) -> None:
     """Write ``directory/index.parquet`` atomically.
 
-    Record paths are absolute or relative to the current directory; files inside ``directory``
-    are stored relative to it (so the run folder can move), others absolute.
+    Record paths are URLs, absolute, or relative to the current directory; files inside
+    ``directory`` are stored relative to it (so the run folder can move), others absolute.
     """
-    directory = Path(directory).resolve()
+    directory = resolved(directory)
     paths = []
     for r in records:
-        p = Path(r.path).resolve()
-        paths.append(p.relative_to(directory).as_posix() if p.is_relative_to(directory) else str(p))
+        p = resolved(r.path)
+        paths.append(p.relative_to(directory).as_posix() if is_within(p, directory)
+                     else location(p))
     table = pa.table(
         {
             "checkpoint": [int(r.checkpoint) for r in records],
@@ -99,9 +103,10 @@ def write_checkpoint_index(directory: Path, records: list[CheckpointRecord]) -> 
     write_parquet_atomic(table, directory / INDEX_NAME)
 
 
-def read_checkpoint_index(directory: Path) -> list[CheckpointRecord]:
-    """The index's records sorted by checkpoint, paths absolute; BadInput if missing/unreadable."""
-    directory = Path(directory).resolve()
+def read_checkpoint_index(directory: StorePath) -> list[CheckpointRecord]:
+    """The index's records sorted by checkpoint, paths absolute (URLs in a URL store);
+    BadInput if missing/unreadable."""
+    directory = resolved(directory)
     path = directory / INDEX_NAME
     if not path.is_file():
         raise BadInput(f"no checkpoint index {path}")
@@ -116,7 +121,7 @@ def read_checkpoint_index(directory: Path) -> list[CheckpointRecord]:
             step=row["step"],
             epoch=row["epoch"],
             lr=row["lr"],
-            path=str(directory / row["path"]),  # an absolute stored path stays as it is
+            path=location(joined(directory, row["path"])),  # an absolute one stays as it is
             sha256=row["sha256"],
             step_lr=row["step_lr"],
             model=row["model"],
@@ -132,20 +137,21 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
-def load_state_dict(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(path: StorePath, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load a state_dict on the CPU with ``weights_only=True``.
 
     Accepts a plain state_dict or a dict holding one under ``state_dict`` or
     ``model_state_dict``. When ``sha256`` is given the file must match it. BadInput (one line)
     for a missing, unreadable or mismatching file, or one that holds no state_dict.
     """
-    path = Path(path)
+    path = store_path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint {path} does not exist")
     if sha256 is not None and file_sha256(path) != sha256.lower():
         raise BadInput(f"checkpoint {path} does not match its recorded sha256")
+    source = io.BytesIO(path.read_bytes()) if is_remote(path) else path
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
         raise BadInput(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
@@ -162,7 +168,7 @@ def verify_checkpoints(records: list[CheckpointRecord]) -> None:
     damaged checkpoint rather than attributing a model it did not train.
     """
     for r in records:
-        if not Path(r.path).is_file():
+        if not store_path(r.path).is_file():
             raise BadInput(f"checkpoint {r.path} does not exist")
-        if file_sha256(Path(r.path)) != r.sha256.lower():
+        if file_sha256(r.path) != r.sha256.lower():
             raise BadInput(f"checkpoint {r.path} does not match its recorded sha256")

@@ -5,7 +5,9 @@ Layout: ``sample_id int64`` and ``grad fixed_size_binary(4*k)`` holding little-e
 uncompressed, no dictionary, 1024-row row groups (fast to read; see STACK.md). The shard's
 ``ShardMeta`` is JSON in the schema metadata under ``b"sieve"``; its checksum under
 ``b"sieve.sha256"``: the hex sha256 of that JSON's bytes, then the ids (little-endian int64),
-then the gradient bytes. Every full read verifies it, so a damaged shard is never used.
+then the gradient bytes. Every full read verifies it, and so does the streaming reader (ids
+first, then the gradient bytes block by block, one pass: the definition needs no format
+version), so a damaged shard is never used.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from storage.atomic import atomic_path, read_parquet_schema
 from storage.errors import BadInput
+from storage.location import StorePath, input_file, parquet_source, store_path
 
 META_KEY = b"sieve"
 CHECKSUM_KEY = b"sieve.sha256"
@@ -53,17 +56,17 @@ class ShardMeta:
     split: str
 
 
-def shard_path(directory: Path, part: int) -> Path:
+def shard_path(directory: StorePath, part: int) -> StorePath:
     """``directory / part-<part>.parquet``."""
-    return Path(directory) / f"part-{part}.parquet"
+    return store_path(directory) / f"part-{part}.parquet"
 
 
-def complete_shards(directory: Path) -> list[Path]:
+def complete_shards(directory: StorePath) -> list[StorePath]:
     """The complete ``part-<n>.parquet`` files in ``directory`` (never temp files), by n.
 
     A missing directory has no shards.
     """
-    directory = Path(directory)
+    directory = store_path(directory)
     if not directory.is_dir():
         return []
     parts = []
@@ -125,15 +128,34 @@ def _raw(g: torch.Tensor) -> np.ndarray:
     return g.view(torch.int16).numpy().view(np.uint16).astype("<u2", copy=False)
 
 
+def _checksum_head(meta_json: bytes, ids: np.ndarray) -> hashlib._Hash:
+    """A sha256 fed the metadata JSON, then the ids as little-endian int64: the checksum's
+    first part; the stored rows' bytes follow in row order (in one piece or block by block,
+    the digest is the same)."""
+    digest = hashlib.sha256(meta_json)
+    digest.update(memoryview(np.ascontiguousarray(ids, dtype=_LE_I64)).cast("B"))
+    return digest
+
+
 def _checksum(meta_json: bytes, ids: np.ndarray, values: np.ndarray) -> str:
     """Hex sha256 of the metadata JSON, the ids as little-endian int64 and the stored rows'
     bytes (``_raw``: float32 ``<f4``, or 16-bit ``<u2`` patterns)."""
-    digest = hashlib.sha256(meta_json)
-    digest.update(memoryview(np.ascontiguousarray(ids, dtype=_LE_I64)).cast("B"))
+    digest = _checksum_head(meta_json, ids)
     if values.dtype.kind == "f":
         values = np.ascontiguousarray(values, dtype=_LE_F32)
     digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
     return digest.hexdigest()
+
+
+def _stored_checksum(path: Path, schema: pa.Schema) -> bytes:
+    """The hex checksum the shard was written with; BadInput when it has none."""
+    stored = (schema.metadata or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        raise _corrupted(path, "no checksum")
+    return stored
+
+
+_MISMATCH = "checksum mismatch (the file changed after it was written)"
 
 
 def _corrupted(path: Path, reason: object) -> BadInput:
@@ -170,7 +192,7 @@ def _check_schema(path: Path, schema: pa.Schema) -> ShardMeta:
 
 def read_shard_meta(path: Path) -> ShardMeta:
     """The shard's metadata (reads only the footer); BadInput when missing or corrupted."""
-    path = Path(path)
+    path = store_path(path)
     try:
         schema = read_parquet_schema(path)
     except FileNotFoundError:
@@ -187,9 +209,9 @@ def read_gradient_shard(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     each chunk's data buffer once into a preallocated tensor. BadInput when the file is missing,
     truncated, unreadable, disagrees with its metadata, or fails its checksum.
     """
-    path = Path(path)
+    path = store_path(path)
     try:
-        source = pa.memory_map(str(path))
+        source = input_file(path, memory_map=True)
     except FileNotFoundError:
         raise BadInput(f"missing gradient shard {path}") from None
     except (OSError, pa.ArrowException) as e:
@@ -201,11 +223,9 @@ def read_gradient_shard(path: Path) -> tuple[np.ndarray, torch.Tensor]:
             raise _corrupted(path, e) from None
         meta = _check_schema(path, table.schema)
         ids, raw = _to_numpy_and_tensor(path, table, meta.k, STORED_DTYPES[meta.dtype])
-    stored = (table.schema.metadata or {}).get(CHECKSUM_KEY)
-    if stored is None:
-        raise _corrupted(path, "no checksum")
+    stored = _stored_checksum(path, table.schema)
     if _checksum(table.schema.metadata[META_KEY], ids, _raw(raw)).encode() != stored:
-        raise _corrupted(path, "checksum mismatch (the file changed after it was written)")
+        raise _corrupted(path, _MISMATCH)
     return ids, raw.to(torch.float32)
 
 
@@ -235,43 +255,74 @@ def _to_numpy_and_tensor(
 
 
 def iter_gradient_blocks(
-    path: Path, row_groups: int = 8
+    path: Path, row_groups: int = 8, verify: bool = True
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Stream one shard: (ids (m,) int64, gradients (m, k) float32) blocks, in row order.
 
-    Reads ``row_groups`` row groups at a time (buffered reads, not a memory map, so resident
-    memory holds only those; m <= row_groups * 1024) and yields, per Arrow chunk, without
-    copying (16-bit shards: one float32 copy per block), a tensor viewing Arrow's buffer:
-    read-only, valid until the next block is yielded (clone it to keep it). The shard's
-    checksum is not verified here (``read_gradient_shard`` does that on full reads).
+    Reads the id column first (8 bytes a row), then ``row_groups`` row groups of gradients at
+    a time (buffered reads, not a memory map, so resident memory holds only those; m <=
+    row_groups * 1024) and yields, per Arrow chunk, without copying (16-bit shards: one float32
+    copy per block), a tensor viewing Arrow's buffer: read-only, valid until the next block is
+    yielded (clone it to keep it).
+
+    ``verify``: hash the metadata and ids, then each block's stored bytes as it is read (the
+    checksum ``read_gradient_shard`` checks, computed in one pass), and compare after the last
+    block: a damaged shard raises the same BadInput (``corrupted gradient shard ...: checksum
+    mismatch ...``) when the block after the last is asked for, so a consumer must commit what
+    it computed from a shard only once the iterator is exhausted. A consumer that stops early
+    has verified nothing.
     """
-    path = Path(path)
+    path = store_path(path)
     try:
-        shard = pq.ParquetFile(str(path), memory_map=False)
+        shard = pq.ParquetFile(parquet_source(path), memory_map=False)
     except FileNotFoundError:
         raise BadInput(f"missing gradient shard {path}") from None
     except (OSError, pa.ArrowException) as e:
         raise _corrupted(path, e) from None
     with shard:
-        meta = _check_schema(path, shard.schema_arrow)
+        schema = shard.schema_arrow
+        meta = _check_schema(path, schema)
         k, dtype = meta.k, STORED_DTYPES[meta.dtype]
+        element = _LE_F32 if dtype == torch.float32 else np.dtype("<i2")
+        ids = _read_ids(path, shard)
+        digest = _checksum_head(schema.metadata[META_KEY], ids) if verify else None
+        stored = _stored_checksum(path, schema) if verify else b""
+        row = 0
         for first in range(0, shard.num_row_groups, row_groups):
             groups = range(first, min(first + row_groups, shard.num_row_groups))
             try:
-                table = shard.read_row_groups(groups, use_threads=False)
+                column = shard.read_row_groups(groups, columns=["grad"], use_threads=False)
             except (OSError, pa.ArrowException) as e:
                 raise _corrupted(path, e) from None
-            ids = table.column("sample_id").chunks
-            for id_chunk, grad_chunk in zip(ids, table.column("grad").chunks, strict=True):
-                n = len(grad_chunk)
-                if grad_chunk.null_count or id_chunk.null_count:
-                    raise _corrupted(path, "null values")
-                element = _LE_F32 if dtype == torch.float32 else np.dtype("<i2")
-                values = np.frombuffer(grad_chunk.buffers()[1], dtype=element, count=n * k,
-                                       offset=grad_chunk.offset * element.itemsize * k)
+            for chunk in column.column("grad").chunks:
+                n = len(chunk)
+                if chunk.null_count or row + n > len(ids):
+                    raise _corrupted(path, "null values or more gradient rows than ids")
+                if n == 0:
+                    continue
+                values = np.frombuffer(chunk.buffers()[1], dtype=element, count=n * k,
+                                       offset=chunk.offset * element.itemsize * k)
+                if digest is not None:
+                    digest.update(values)
                 with warnings.catch_warnings():  # Arrow buffers are read-only; never written
                     warnings.simplefilter("ignore", UserWarning)
                     grads = torch.from_numpy(values.reshape(n, k))
                 if dtype != torch.float32:  # 16-bit rows: one float32 copy per block
                     grads = grads.view(dtype).to(torch.float32)
-                yield id_chunk.to_numpy().astype(np.int64, copy=False), grads
+                yield ids[row : row + n], grads
+                row += n
+        if row != len(ids):
+            raise _corrupted(path, f"{row} gradient rows but {len(ids)} ids")
+        if digest is not None and digest.hexdigest().encode() != stored:
+            raise _corrupted(path, _MISMATCH)
+
+
+def _read_ids(path: Path, shard: pq.ParquetFile) -> np.ndarray:
+    """The shard's whole id column, (m,) int64; BadInput when unreadable or holding nulls."""
+    try:
+        column = shard.read(columns=["sample_id"], use_threads=False).column("sample_id")
+    except (OSError, pa.ArrowException) as e:
+        raise _corrupted(path, e) from None
+    if column.null_count:
+        raise _corrupted(path, "null values")
+    return np.ascontiguousarray(column.to_numpy(), dtype=np.int64)

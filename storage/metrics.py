@@ -6,7 +6,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -14,6 +13,7 @@ import pyarrow.compute as pc
 
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
+from storage.location import StorePath, lock_file, store_path
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -30,16 +30,18 @@ _LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialize writers: threads via a module lock, processes via flock on a sidecar file."""
+def _locked(path: StorePath) -> Iterator[None]:
+    """Serialize writers: threads via a module lock, processes via flock on a sidecar file
+    (a local one for a URL: processes on one machine are serialized, other machines not)."""
     with _LOCK:
         if os.name != "posix":
             yield
             return
         import fcntl
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "a") as f:
+        lock = lock_file(path)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -68,12 +70,12 @@ def _validate(stage: str, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return columns
 
 
-def read_metrics(path: Path) -> pa.Table:
+def read_metrics(path: StorePath) -> pa.Table:
     """All rows of ``path`` (an empty table when the file does not exist yet).
 
     BadInput when the file exists but is unreadable.
     """
-    path = Path(path)
+    path = store_path(path)
     if not path.exists():
         return METRICS_SCHEMA.empty_table()
     try:
@@ -83,14 +85,14 @@ def read_metrics(path: Path) -> pa.Table:
         raise BadInput(f"unreadable metrics file {path}: {reason}") from None
 
 
-def record_metrics(path: Path, stage: str, rows: list[dict[str, Any]]) -> None:
+def record_metrics(path: StorePath, stage: str, rows: list[dict[str, Any]]) -> None:
     """Replace every row of ``stage`` in ``path`` by ``rows``; other stages are kept.
 
     Each row: ``name``, ``value`` (float; NaN allowed) and optional ``estimator``, ``seed``,
     ``step``. Rerunning a stage therefore never duplicates its rows. The file is rewritten
     atomically; concurrent calls (threads, or processes on POSIX) are serialized.
     """
-    path = Path(path)
+    path = store_path(path)
     new = pa.table(_validate(stage, rows), schema=METRICS_SCHEMA)
     with _locked(path):
         old = read_metrics(path)

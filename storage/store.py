@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from storage.errors import BadInput
+from storage.location import StorePath, is_remote, local_folder, location, resolved
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _GENERATED_ID = re.compile(r"^(\d{8}-\d{6})-[0-9a-f]{6}$")
@@ -32,71 +33,74 @@ def check_name(value: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Paths of one run (``runs/<run_id>``); nothing here touches the disk."""
+    """Paths of one run (``runs/<run_id>``, local or a URL); nothing here touches the disk."""
 
     run_id: str
-    dir: Path
+    dir: StorePath
 
     @property
-    def config(self) -> Path:
+    def config(self) -> StorePath:
         return self.dir / "config.yaml"
 
     @property
-    def samples(self) -> Path:
+    def samples(self) -> StorePath:
         return self.dir / "samples.parquet"
 
     @property
-    def checkpoints_dir(self) -> Path:
+    def checkpoints_dir(self) -> StorePath:
         return self.dir / "checkpoints"
 
     @property
-    def checkpoint_index(self) -> Path:
+    def checkpoint_index(self) -> StorePath:
         return self.checkpoints_dir / "index.parquet"
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> StorePath:
         return self.dir / "metrics.parquet"
 
     @property
-    def evaluation(self) -> Path:
+    def evaluation(self) -> StorePath:
         """Counterfactual evaluation results (estimator, metric, value)."""
         return self.dir / "evaluation.parquet"
 
     @property
-    def gradients_root(self) -> Path:
+    def gradients_root(self) -> StorePath:
         return self.dir / "gradients"
 
     @property
-    def scores_root(self) -> Path:
+    def scores_root(self) -> StorePath:
         return self.dir / "scores"
 
     @property
-    def attributions_root(self) -> Path:
+    def attributions_root(self) -> StorePath:
         return self.dir / "attributions"
 
-    def gradients_dir(self, checkpoint: int, split: str) -> Path:
+    def gradients_dir(self, checkpoint: int, split: str) -> StorePath:
         """``gradients/checkpoint=<c>/split=<s>``; BadInput on an unsafe split name."""
         if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
             raise ValueError(f"checkpoint must be a non-negative int, got {checkpoint!r}")
         split = check_name(split, "split name")
         return self.gradients_root / f"checkpoint={checkpoint}" / f"split={split}"
 
-    def scores_dir(self, estimator: str, target: str) -> Path:
+    def scores_dir(self, estimator: str, target: str) -> StorePath:
         """``scores/estimator=<e>/target=<t>``; BadInput on unsafe names."""
         estimator = check_name(estimator, "estimator name")
         target = check_name(target, "target name")
         return self.scores_root / f"estimator={estimator}" / f"target={target}"
 
-    def attributions_dir(self, estimator: str) -> Path:
+    def attributions_dir(self, estimator: str) -> StorePath:
         """``attributions/estimator=<e>``; BadInput on an unsafe name."""
         return self.attributions_root / f"estimator={check_name(estimator, 'estimator name')}"
 
 
 class Store:
-    """A store folder: ``runs/``, ``mlflow.db`` and ``mlartifacts/`` under an absolute root."""
+    """A store: ``runs/`` (and the retrain cache ``retrains/``) under an absolute root, a local
+    folder or an fsspec URL (e.g. ``s3://bucket/prefix``); ``mlflow.db``, ``mlartifacts/`` and
+    the locks under its local folder (the root itself when local, see ``location.local_folder``).
+    BadInput for a URL whose protocol fsspec cannot open."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root: Path = Path(root).expanduser().resolve()
+        self.root: StorePath = resolved(root)
 
     @classmethod
     def default(cls) -> Store:
@@ -106,6 +110,30 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
+    def __str__(self) -> str:
+        return location(self.root)
+
+    @property
+    def local_dir(self) -> Path:
+        """Where what cannot live in an object store goes (MLflow's sqlite, Prefect's home,
+        locks): the root of a local store, else the URL's local folder."""
+        return local_folder(self.root)
+
+    def check_reachable(self) -> None:
+        """BadInput (one line) when a URL store's bucket (or top folder) cannot be listed:
+        unknown bucket, wrong endpoint or credentials. A local store is always reachable."""
+        if not is_remote(self.root):
+            return
+        top = self.root.path.lstrip("/").split("/", 1)[0]
+        try:
+            self.root.fs.info(top)
+        except FileNotFoundError:
+            raise BadInput(f"store {self} is not reachable: {top} does not exist") from None
+        except Exception as e:  # botocore/aiohttp/fsspec errors have no common base
+            text = str(e).strip()
+            reason = text.splitlines()[0] if text else type(e).__name__
+            raise BadInput(f"store {self} is not reachable: {reason}") from None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Store) and other.root == self.root
 
@@ -113,16 +141,16 @@ class Store:
         return hash(self.root)
 
     @property
-    def runs_dir(self) -> Path:
+    def runs_dir(self) -> StorePath:
         return self.root / "runs"
 
     @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.root.as_posix()}/mlflow.db"
+        return f"sqlite:///{self.local_dir.as_posix()}/mlflow.db"
 
     @property
     def artifact_root(self) -> Path:
-        return self.root / "mlartifacts"
+        return self.local_dir / "mlartifacts"
 
     @staticmethod
     def new_run_id() -> str:
@@ -138,7 +166,7 @@ class Store:
         """Like ``run`` but BadInput ``no run X in STORE`` when its folder does not exist."""
         run = self.run(run_id)
         if not run.dir.is_dir():
-            raise BadInput(f"no run {run_id} in {self.root}")
+            raise BadInput(f"no run {run_id} in {self}")
         return run
 
     def list_runs(self) -> list[RunPaths]:
@@ -159,16 +187,20 @@ class Store:
         """The newest run; BadInput when the store has none."""
         runs = self.list_runs()
         if not runs:
-            raise BadInput(f"no runs in {self.root}")
+            raise BadInput(f"no runs in {self}")
         return runs[-1]
 
 
-def _created(run_dir: Path) -> float:
-    """Creation time of a run: from a generated id, else the folder's mtime (epoch seconds)."""
+def _created(run_dir: StorePath) -> float:
+    """Creation time of a run: from a generated id, else the folder's mtime (epoch seconds;
+    in an object store, which has no folders, its config.yaml's)."""
     m = _GENERATED_ID.match(run_dir.name)
     if m:
         try:
             return datetime.strptime(m.group(1), _ID_TIME_FORMAT).replace(tzinfo=UTC).timestamp()
         except ValueError:
             pass
+    if is_remote(run_dir):
+        config = run_dir / "config.yaml"
+        return config.stat().st_mtime if config.is_file() else 0.0
     return run_dir.stat().st_mtime

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from storage.errors import BadInput
-from storage.gradient_shards import complete_shards, read_gradient_shard
+from storage.gradient_shards import complete_shards, iter_gradient_blocks, read_gradient_shard
 from storage.store import RunPaths
 
 
@@ -36,6 +36,13 @@ class StoredGradients:
     def train_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for path in self._shards(checkpoint, "train"):
             yield read_gradient_shard(path)
+
+    def train_blocks(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """The train rows shard by shard in row-group blocks (``iter_gradient_blocks``: float32
+        views valid until the next block; each shard's checksum is checked after its last block,
+        a damaged one raises BadInput there). Memory: a few row groups, whatever n."""
+        for path in self._shards(checkpoint, "train"):
+            yield from iter_gradient_blocks(path)
 
     def _target_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for path in self._shards(checkpoint, self.target_split):

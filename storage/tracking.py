@@ -2,12 +2,14 @@
 
 Uses ``MlflowClient`` with explicit run ids (never the thread-local active-run stack), so stage
 runs created from Prefect worker threads nest correctly. Default backend: the store's
-``mlflow.db`` (sqlite) with artifacts under ``mlartifacts/``.
+``mlflow.db`` (sqlite) with artifacts under ``mlartifacts/``, both in the store's local folder
+(``Store.local_dir``: the store itself, or a local stand-in for a URL store).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from storage.location import StorePath, is_remote, store_path  # noqa: E402
 from storage.locks import file_lock  # noqa: E402
 from storage.store import Store  # noqa: E402
 
@@ -51,12 +54,12 @@ def start_tracking(
     """Open (or create) the experiment and the parent run named after the Sieve run id.
 
     Creating the database (MLflow migrates a new sqlite file) and the experiment is done under
-    the store's lock ``.mlflow.lock``: concurrent runs on one store would otherwise race
-    ("table already exists", "experiment already exists").
+    the store's lock ``.mlflow.lock`` (in its local folder): concurrent runs on one store would
+    otherwise race ("table already exists", "experiment already exists").
     """
     uri = uri or store.mlflow_uri
     client = MlflowClient(tracking_uri=uri)
-    with file_lock(store.root / ".mlflow.lock"):
+    with file_lock(store.local_dir / ".mlflow.lock"):
         found = client.get_experiment_by_name(experiment)
         if found is None:
             local = uri == store.mlflow_uri
@@ -90,8 +93,8 @@ class StageRun:
     def metric(self, key: str, value: float, step: int = 0) -> None:
         self._metrics.append(Metric(key, float(value), int(time.time() * 1000), step))
 
-    def artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+    def artifact(self, path: StorePath, folder: str | None = None) -> None:
+        log_store_file(self.client, self.run_id, path, folder)
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
@@ -101,6 +104,21 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=self._metrics[i : i + _BATCH])
         self._metrics.clear()
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def log_store_file(
+    client: MlflowClient, run_id: str, path: StorePath, folder: str | None = None
+) -> None:
+    """Log a store file as an artifact of MLflow run ``run_id``; a URL's object is first
+    fetched to a local temporary file of the same name (MLflow logs local files)."""
+    path = store_path(path)
+    if not is_remote(path):
+        client.log_artifact(run_id, str(path), folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="sieve-artifact-") as local:
+        copy = Path(local) / path.name
+        path.fs.get_file(path.path, str(copy))
+        client.log_artifact(run_id, str(copy), folder)
 
 
 def tag_run(tracking: Tracking, tags: dict[str, str]) -> None:

@@ -5,7 +5,8 @@ Views (always present; an empty relation with the documented columns until files
 any extra columns, by name) and ``attributions`` (estimator, train_id, test_id, score).
 Partition columns come from the folder names, not DuckDB's hive parsing, so a ``k=v`` folder
 higher up in the store's path never turns into a column. The connection is a sandbox: it reads
-only files under the store's ``runs/`` folder and its settings are locked.
+only files under the store's ``runs/`` folder and its settings are locked. A URL store's files
+are read through its fsspec filesystem, registered with the connection (no DuckDB extension).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import math
 import shutil
 from collections.abc import Sequence
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 
 from storage.errors import BadInput
+from storage.location import StorePath, is_remote, location
 from storage.store import RunPaths
 
 _COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -81,8 +82,8 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _read(files: Sequence[Path]) -> str:
-    listed = ", ".join(_lit(f.as_posix()) for f in files)
+def _read(files: Sequence[StorePath]) -> str:
+    listed = ", ".join(_lit(location(f)) for f in files)
     return f"read_parquet([{listed}], union_by_name = true, hive_partitioning = false)"
 
 
@@ -91,14 +92,14 @@ def _empty(view: str) -> str:
     return f"SELECT {cols} WHERE false"
 
 
-def _parquet_files(directory: Path) -> list[Path]:
+def _parquet_files(directory: StorePath) -> list[StorePath]:
     """Complete Parquet files directly in ``directory`` (temp files are hidden: skipped)."""
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
 
 
-def _partitions(directory: Path, key: str) -> list[tuple[str, Path]]:
+def _partitions(directory: StorePath, key: str) -> list[tuple[str, StorePath]]:
     """(value, folder) for each ``key=value`` folder in ``directory``, sorted by value."""
     if not directory.is_dir():
         return []
@@ -110,7 +111,7 @@ def _partitions(directory: Path, key: str) -> list[tuple[str, Path]]:
     )
 
 
-def _partitioned(leaves: list[tuple[dict[str, str], list[Path]]], view: str) -> str:
+def _partitioned(leaves: list[tuple[dict[str, str], list[StorePath]]], view: str) -> str:
     """UNION ALL BY NAME of each leaf folder's files, with its partition values as columns."""
     branches = []
     for values, files in leaves:
@@ -154,6 +155,8 @@ def open_run(run: RunPaths) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect(":memory:")
     try:
+        if is_remote(run.dir):
+            con.register_filesystem(run.dir.fs)
         for view, sql in _view_sql(run).items():
             try:
                 con.execute(f"CREATE VIEW {view} AS {sql}")
@@ -167,10 +170,11 @@ def open_run(run: RunPaths) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _sandbox(con: duckdb.DuckDBPyConnection, allowed: Path) -> None:
-    """Restrict file access to ``allowed`` (and below), with no spill folder and no extension
-    loading, then lock the configuration (a later SET fails)."""
-    prefix = allowed.resolve().as_posix().rstrip("/") + "/"
+def _sandbox(con: duckdb.DuckDBPyConnection, allowed: StorePath) -> None:
+    """Restrict file access to ``allowed`` (and below; a URL: objects under that prefix), with
+    no spill folder and no extension loading, then lock the configuration (a later SET fails)."""
+    folder = allowed if is_remote(allowed) else allowed.resolve()
+    prefix = location(folder).rstrip("/") + "/"
     for statement in (
         "SET temp_directory = ''",
         f"SET allowed_directories = [{_lit(prefix)}]",

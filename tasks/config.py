@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from estimators.registry import ESTIMATORS, estimator_options, make_estimator
 from storage.errors import BadInput
+from storage.location import StorePath, store_path
 
 
 class Section(BaseModel):
@@ -75,7 +76,8 @@ class CheckpointFile(Section):
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     checkpoints: int | list[CheckpointFile] = Field(5)
-    models: int = Field(1, ge=1, description="independently trained models (ensembles)")
+    models: int = Field(1, ge=1, description="independently trained models; K > 1: every "
+                        "estimator that reads a model averages its scores over the K models")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
@@ -383,9 +385,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return validate(raw)
 
 
-def load_resolved_config(path: Path) -> Config:
-    """A run's own config.yaml (already complete: no default merged in)."""
-    return validate(_read_yaml(Path(path)))
+def load_resolved_config(path: StorePath) -> Config:
+    """A run's own config.yaml (already complete: no default merged in; local or a URL)."""
+    return validate(_read_yaml(store_path(path)))
 
 
 def validate(raw: dict[str, Any]) -> Config:

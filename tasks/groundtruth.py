@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.atomic import read_parquet_table, write_parquet_atomic
+from storage.location import StorePath, store_path
 from storage.store import RunPaths
 from tasks.config import Config
 from tasks.retrain import train_without
@@ -81,8 +82,9 @@ def retrain_key(config: Config, fingerprint: str, removed: tuple[int, ...], seed
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def outcome_path(store_root: str, key: str) -> Path:
-    return Path(store_root) / "retrains" / f"{key}.parquet"
+def outcome_path(store_root: str, key: str) -> StorePath:
+    """The store-level retrain cache entry ``retrains/<key>.parquet`` (local or a URL)."""
+    return store_path(store_root) / "retrains" / f"{key}.parquet"
 
 
 @task(name="retrain-outcome", cache_policy=NO_CACHE)

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.atomic import write_text_atomic
 from storage.store import RunPaths
-from storage.tracking import Tracking
+from storage.tracking import Tracking, log_store_file
 from tasks.config import config_yaml
 from tasks.report_data import ReportData, SampleRow, read_report_data
 from tasks.report_figures import (
@@ -86,7 +86,7 @@ def report_stage(run: RunPaths, tracking: Tracking) -> str:
     log = get_run_logger()
     started = time.perf_counter()
     path = write_report(run)
-    tracking.client().log_artifact(tracking.parent_run_id, str(path))
+    log_store_file(tracking.client(), tracking.parent_run_id, path)
     log.info("report: %s (%.0f KiB) in %.1f s, MLflow artifact %s of run %s", path.as_uri(),
              path.stat().st_size / 1024, time.perf_counter() - started, REPORT_FILE,
              tracking.parent_run_id)

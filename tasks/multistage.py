@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,7 +23,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from estimators.metrics import detection_auc
 from estimators.multistage import Finetuning, multistage_influence, pretrain_loss_baseline
-from storage.atomic import write_parquet_atomic
+from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import (
     CheckpointRecord,
     load_state_dict,
@@ -110,7 +109,7 @@ class TwoStageWork:
 
 @lru_cache(maxsize=4)
 def _read(path: Path, mtime_ns: int) -> tuple[Samples, np.ndarray]:
-    tasks = pq.read_table(path, columns=["task"])["task"].to_numpy(zero_copy_only=False)
+    tasks = read_parquet_table(path, columns=["task"])["task"].to_numpy(zero_copy_only=False)
     return read_samples(path), np.asarray(tasks, dtype=str)
 
 
@@ -375,7 +374,7 @@ def _read_scores(run: RunPaths, config: Config, ids: np.ndarray) -> dict[str, np
     """Each scored estimator's scores of ``ids``, in that order."""
     out = {}
     for name in SCORED:
-        table = pq.read_table(run.scores_dir(name, target_name(config)) / "part-0.parquet")
+        table = read_parquet_table(run.scores_dir(name, target_name(config)) / "part-0.parquet")
         lookup = dict(zip(table["sample_id"].to_pylist(), table["score"].to_pylist(),
                           strict=True))
         out[name] = np.array([lookup[int(i)] for i in ids])

@@ -1,13 +1,14 @@
 """Stage 3: every configured estimator scores every training sample against the target.
 
-Writes ``scores/estimator=<e>/target=<t>/part-0.parquet`` (sample_id, score, suspicion) and,
-when corruption is known, each estimator's noisy-label detection metrics.
+Writes ``scores/estimator=<e>/target=<t>/part-0.parquet`` (sample_id, score, suspicion),
+with ``targets.pairwise`` the train x test ``attributions/estimator=<e>/`` (``tasks.attributions``,
+streamed block by block for estimators with ``pairwise_vectors``) and, when corruption is
+known, each estimator's noisy-label detection metrics.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,14 +18,16 @@ from prefect.cache_policies import NO_CACHE
 
 from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
-from estimators.registry import make_estimator
+from estimators.model_ensemble import ModelEnsemble
 from estimators.targets import SummedLoss
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
 from storage.stored_gradients import StoredGradients
 from storage.tracking import Tracking
+from tasks.attributions import streams_pairwise, write_pairwise
 from tasks.config import Config
+from tasks.ensemble import scored_estimator
 from tasks.memory import peak_memory
 from tasks.plots import score_distributions
 from tasks.progress import StageProgress
@@ -94,7 +97,8 @@ def scoring_context(
 
 
 def supports_pairwise(estimator: Estimator) -> bool:
-    return type(estimator).pairwise is not Estimator.pairwise
+    inner = estimator.base if isinstance(estimator, ModelEnsemble) else estimator
+    return type(inner).pairwise is not Estimator.pairwise
 
 
 @task(name="score", cache_policy=NO_CACHE)
@@ -105,7 +109,7 @@ def score_one(
     train x test attributions); returns (attribution, seconds and peak MiB above the start,
     both for the summed target)."""
     torch.set_num_threads(1)
-    estimator = make_estimator(name, **config.estimator(name).options)
+    estimator = scored_estimator(config, name)  # averaged over train.models when > 1
     started = time.perf_counter()
     with peak_memory() as memory:
         attribution = estimator.score(scoring_context(run, config, records))
@@ -122,29 +126,12 @@ def score_one(
     )
     write_parquet_atomic(table, run.scores_dir(name, target_name(config)) / "part-0.parquet")
     if config.targets.pairwise and supports_pairwise(estimator):
-        train_ids, test_ids, matrix = estimator.pairwise(
-            scoring_context(run, config, records, pairwise=True)
-        )
-        write_attributions(run.attributions_dir(name), train_ids, test_ids, matrix)
+        ctx = scoring_context(run, config, records, pairwise=True)
+        parts = write_pairwise(run.attributions_dir(name), estimator, ctx)
+        how = "streamed block by block" if streams_pairwise(estimator) else "whole matrix"
+        get_run_logger().info("score: %s train x test attributions written, %d part(s) (%s)",
+                              name, parts, how)
     return attribution, seconds, memory.delta_mb
-
-
-def write_attributions(
-    directory: Path, train_ids: np.ndarray, test_ids: np.ndarray, matrix: np.ndarray,
-    block: int = 256,
-) -> None:
-    """Write a (n_train, n_test) score matrix as (train_id, test_id, score) rows, one Parquet
-    part per block of test samples."""
-    for part, start in enumerate(range(0, len(test_ids), block)):
-        cols = matrix[:, start : start + block]
-        m = cols.shape[1]
-        table = pa.table({
-            "train_id": pa.array(np.repeat(train_ids, m), pa.int64()),
-            "test_id": pa.array(np.tile(test_ids[start : start + block], len(train_ids)),
-                                pa.int64()),
-            "score": pa.array(cols.reshape(-1).astype(np.float64), pa.float64()),
-        })
-        write_parquet_atomic(table, directory / f"part-{part}.parquet")
 
 
 @task(name="scores", cache_policy=NO_CACHE)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import read_parquet_table
 from storage.errors import BadInput
 
 SPLITS = ("train", "val", "test")
@@ -211,8 +212,8 @@ def samples_table(samples: Samples) -> pa.Table:
 
 
 def read_samples(path: Path) -> Samples:
-    """Rebuild ``Samples`` from a samples.parquet written by ``samples_table``."""
-    table = pq.read_table(path)
+    """Rebuild ``Samples`` from a samples.parquet written by ``samples_table`` (local or a URL)."""
+    table = read_parquet_table(path)
     meta = table.schema.metadata or {}
     n = table.num_rows
     feats = table["features"].combine_chunks()

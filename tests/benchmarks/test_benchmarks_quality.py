@@ -15,7 +15,8 @@ from benchmarks.quality_truth import align, most_harmful
 
 def test_quick_quality_table(tmp_path, capsys):
     out = tmp_path / "quality.json"
-    assert quality.main(["--quick", "--store", str(tmp_path / "store"), "--json", str(out)]) == 0
+    assert quality.main(["--quick", "--store", str(tmp_path / "store"), "--json", str(out),
+                         "--ensemble", "2"]) == 0
     printed = capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["quick"] and len(doc["workloads"]) == 1
@@ -42,9 +43,18 @@ def test_quick_quality_table(tmp_path, capsys):
         else:
             assert peer["error"] and "failed:" in printed
             assert f"peer failed: {peer['peer']}: {peer['error']}" in " ".join(printed.split())
-    # rows in the order they are printed: Sieve's, then the peers
+    # the ensemble rows (train.models=2) face the same retrains as the single-model rows
+    ensemble = result["ensemble"]
+    assert ensemble["models"] == 2 and ensemble["truth_check"] < 1e-9
+    assert ensemble["train_seconds"] > 0 and "×2 rows: run" in printed
+    for name in result["estimators"]:
+        assert math.isfinite(ensemble["sieve"][name]["lds"])
+        # other scores (LDS over 5 subsets takes few values; LOO Pearson is continuous)
+        assert ensemble["sieve"][name]["loo_pearson"] != result["sieve"][name]["loo_pearson"]
+    # rows in the order they are printed: Sieve's, its ensemble's, then the peers
     rows = quality.table_rows(result)
-    assert [r[0] for r in rows[:2]] == ["sieve tracin", "sieve if_exact"]
+    assert [r[0] for r in rows[:4]] == ["sieve tracin", "sieve if_exact", "sieve tracin ×2",
+                                        "sieve if_exact ×2"]
     assert (tmp_path / "store" / "quality-latest.json").exists()
 
 

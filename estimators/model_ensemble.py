@@ -1,0 +1,129 @@
+"""Any estimator averaged over independently trained models (an ensemble over training seeds).
+
+With K models theta^(0..K-1) trained by the same recipe from different seeds (``train.models``;
+``ctx.checkpoints`` is model 0, ``ctx.extra_models`` models 1..K-1), the ensemble score is the
+plain mean of the base estimator's scores on each model::
+
+    score(i)     = (1/K) sum_m score_m(i)          (n,)  project sign kept: positive = beneficial
+    suspicion(i) = (1/K) sum_m suspicion_m(i)      (n,)  None when the base estimator gives none
+    tau(i, t)    = (1/K) sum_m tau_m(i, t)         (n, n_targets) train x target scores
+
+A retrain's outcome is random over the training seed; each ``score_m`` predicts the change for
+one seed, their mean predicts the expected change, which is what the retrain ground truth (mean
+over retrain seeds) measures. TRAK averages over models inside its own formula
+(``estimators/trak.py``) and is not wrapped; neither is an estimator that reads no model.
+
+Member m sees ``ctx`` with its own checkpoints and no extra models. Model 0 keeps
+``ctx.gradients`` (the pipeline's stored gradients); for m >= 1 an estimator that reads
+per-sample gradients gets ``gradients_for(member_ctx, needs.checkpoints)`` or, without it,
+computes them itself in memory (``estimators._streaming.gradient_source``). Members run one after
+the other, so the extra memory is one member's gradients at a time: n x d floats per checkpoint
+the estimator reads (final, or all), plus its target rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Literal, TypeVar
+
+import numpy as np
+
+from estimators.base import Attribution, Estimator, GradientSource, ScoringContext
+
+T = TypeVar("T")
+GradientsFor = Callable[[ScoringContext, Literal["final", "all"]], GradientSource]
+"""Per-sample gradients of one member's context at its final or all checkpoints."""
+
+
+def averages_over_models(estimator: Estimator) -> bool:
+    """True when ``estimator`` reads a trained model (its parameters or per-sample gradients)
+    and does not itself combine ``ctx.extra_models`` (TRAK does)."""
+    needs = estimator.needs
+    return (needs.model or needs.gradients) and not needs.models
+
+
+class ModelEnsemble(Estimator):
+    """``base`` run on every trained model of the context, outputs averaged (module docstring).
+
+    ``gradients_for``: how a member m >= 1 gets its per-sample gradients (default: the base
+    estimator computes them in memory); ``on_member(m, K)`` is called before member m runs.
+    With no extra models the output is the base estimator's, bit for bit.
+    """
+
+    def __init__(
+        self,
+        base: Estimator,
+        gradients_for: GradientsFor | None = None,
+        on_member: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if not averages_over_models(base):
+            raise ValueError(f"{base.name} reads no model or combines models itself")
+        self.base = base
+        self.name = base.name
+        self.needs = replace(base.needs, models=True)
+        self.gradients_for = gradients_for
+        self.on_member = on_member
+
+    def members(self, ctx: ScoringContext) -> Iterator[ScoringContext]:
+        """The context of each model in turn: model 0 as given, then each of ``extra_models``."""
+        models = [ctx.checkpoints, *ctx.extra_models]
+        for m, checkpoints in enumerate(models):
+            if not checkpoints:
+                raise ValueError(f"model {m} of the ensemble has no checkpoints")
+            if self.on_member is not None:
+                self.on_member(m, len(models))
+            if m == 0:
+                yield replace(ctx, extra_models=[])
+                continue
+            member = replace(ctx, checkpoints=checkpoints, extra_models=[], gradients=None)
+            if self.base.needs.gradients and self.gradients_for is not None:
+                member.gradients = self.gradients_for(member, self.base.needs.checkpoints)
+            yield member
+
+    def score(self, ctx: ScoringContext) -> Attribution:
+        runs = list(self._each(ctx, self.base.score))
+        ids = runs[0].sample_ids
+        for run in runs[1:]:
+            _same_ids(ids, run.sample_ids, "train")
+        suspicion = None
+        if all(run.suspicion is not None for run in runs):
+            suspicion = _mean([run.suspicion for run in runs])
+        return Attribution(ids, _mean([run.score for run in runs]), suspicion)
+
+    def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean over models of the base estimator's train x target scores: (train ids (n,),
+        target ids (m,), (n, m) float64). Not streamed (each model has its own gradients):
+        memory two (n, m) matrices, the running sum and one model's."""
+        total, count = None, 0
+        for train_ids, target_ids, matrix in self._each(ctx, self.base.pairwise):
+            if total is None:
+                first, total = (train_ids, target_ids), np.array(matrix, dtype=np.float64)
+            else:
+                _same_ids(first[0], train_ids, "train")
+                _same_ids(first[1], target_ids, "target")
+                total += matrix
+            count += 1
+        return first[0], first[1], total / count
+
+    def _each(self, ctx: ScoringContext, run: Callable[[ScoringContext], T]) -> Iterator[T]:
+        """``run`` on every member in turn; a ValueError names the model it came from."""
+        for m, member in enumerate(self.members(ctx)):
+            try:
+                result = run(member)
+            except ValueError as exc:
+                raise ValueError(f"{self.name} on model {m} of the ensemble: {exc}") from exc
+            yield result
+
+
+def _mean(arrays: list[np.ndarray]) -> np.ndarray:
+    """Sum in model order, then divide by K (K = 1 returns the values unchanged)."""
+    total = np.asarray(arrays[0], dtype=np.float64).copy()
+    for array in arrays[1:]:
+        total += array
+    return total / len(arrays)
+
+
+def _same_ids(first: np.ndarray, other: np.ndarray, what: str) -> None:
+    if not np.array_equal(first, other):
+        raise ValueError(f"ensemble members returned {what} rows in different orders")

@@ -1,0 +1,120 @@
+"""ModelEnsemble: an estimator averaged over independently trained models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from estimators.base import Estimator, Needs
+from estimators.baselines import RandomScores, SelfLoss
+from estimators.influence import ExactInfluence
+from estimators.inner_product import InnerProduct
+from estimators.iterative_influence import ConjugateGradientInfluence
+from estimators.kfac import EKFACInfluence
+from estimators.model_ensemble import ModelEnsemble, averages_over_models
+from estimators.tracin import TracIn
+from estimators.trak import TRAK
+
+BASES = [InnerProduct, TracIn, ExactInfluence, ConjugateGradientInfluence, EKFACInfluence,
+         SelfLoss]
+
+
+@pytest.fixture(scope="module")
+def models(digits, kit):
+    """Two MLPs trained from seeds 0 and 1 (4 checkpoints each); contexts with 40 targets."""
+    x, y = digits["train_x"], digits["train_y"]
+    factory, first = kit.train_mlp(x, y, seed=0)
+    _, second = kit.train_mlp(x, y, seed=1)
+    tx, ty = digits["test_x"][:40], digits["test_y"][:40]
+    single = [kit.make_context(factory, ckpts, x, y, tx, ty, weight_decay=1e-3)
+              for ckpts in (first, second)]
+    return {"single": single, "ensemble": dataclasses.replace(single[0], extra_models=[second])}
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda c: c.name)
+def test_one_model_is_the_base_estimator_bit_for_bit(models, base) -> None:
+    ctx = models["single"][0]
+    expected, got = base().score(ctx), ModelEnsemble(base()).score(ctx)
+    np.testing.assert_array_equal(got.sample_ids, expected.sample_ids)
+    np.testing.assert_array_equal(got.score, expected.score)
+    if expected.suspicion is None:
+        assert got.suspicion is None
+    else:
+        np.testing.assert_array_equal(got.suspicion, expected.suspicion)
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda c: c.name)
+def test_two_models_give_the_mean_of_each_model_alone(models, base) -> None:
+    """Model 1's gradients are computed in memory by the estimator itself (no gradients_for);
+    the reference context holds them precomputed in other shards: same numbers."""
+    runs = [base().score(ctx) for ctx in models["single"]]
+    got = ModelEnsemble(base()).score(models["ensemble"])
+    np.testing.assert_array_equal(got.sample_ids, runs[0].sample_ids)
+    np.testing.assert_allclose(got.score, (runs[0].score + runs[1].score) / 2,
+                               rtol=1e-9, atol=1e-12 * np.abs(runs[0].score).max())
+    assert not np.allclose(got.score, runs[0].score, rtol=1e-2)
+    if runs[0].suspicion is not None:
+        np.testing.assert_allclose(got.suspicion, (runs[0].suspicion + runs[1].suspicion) / 2,
+                                   rtol=1e-9)
+
+
+@pytest.mark.parametrize("base", [InnerProduct, ExactInfluence], ids=lambda c: c.name)
+def test_pairwise_is_the_mean_over_models(models, base) -> None:
+    runs = [base().pairwise(ctx) for ctx in models["single"]]
+    train_ids, target_ids, matrix = ModelEnsemble(base()).pairwise(models["ensemble"])
+    np.testing.assert_array_equal(train_ids, runs[0][0])
+    np.testing.assert_array_equal(target_ids, runs[0][1])
+    assert matrix.shape == (len(train_ids), 40)
+    np.testing.assert_allclose(matrix, (runs[0][2] + runs[1][2]) / 2, rtol=1e-9,
+                               atol=1e-12 * np.abs(runs[0][2]).max())
+
+
+def test_extra_models_take_gradients_from_gradients_for(models) -> None:
+    """Model 0 keeps ctx.gradients; each extra model asks gradients_for with the estimator's
+    checkpoints ("all" for TracIn) and the member's own checkpoints."""
+    asked, announced = [], []
+    second = models["single"][1]
+
+    def gradients_for(member, checkpoints):
+        asked.append((member.checkpoints, checkpoints, member.extra_models))
+        return second.gradients
+
+    ensemble = ModelEnsemble(TracIn(), gradients_for, lambda m, k: announced.append((m, k)))
+    got = ensemble.score(models["ensemble"])
+    assert asked == [(second.checkpoints, "all", [])]
+    assert announced == [(0, 2), (1, 2)]
+    runs = [TracIn().score(ctx) for ctx in models["single"]]
+    np.testing.assert_allclose(got.score, (runs[0].score + runs[1].score) / 2, rtol=1e-12)
+    assert ensemble.name == "tracin" and ensemble.needs.models
+
+
+def test_only_estimators_that_read_one_model_are_averaged() -> None:
+    assert all(averages_over_models(base()) for base in BASES)
+    assert not averages_over_models(RandomScores())
+    assert not averages_over_models(TRAK())  # TRAK averages over models itself
+    with pytest.raises(ValueError, match="combines models itself"):
+        ModelEnsemble(TRAK())
+
+
+class _FailsOnOtherModels(Estimator):
+    """Self-loss on the first model given, a ValueError on any other (as an indefinite Hessian
+    raises in if_exact)."""
+
+    name = "fails"
+    needs = Needs(model=True)
+
+    def __init__(self, first) -> None:
+        self.first = first
+
+    def score(self, ctx):
+        if ctx.checkpoints is not self.first:
+            raise ValueError("damped curvature is not positive definite")
+        return SelfLoss().score(ctx)
+
+
+def test_an_error_names_the_model_it_came_from(models) -> None:
+    ensemble = models["ensemble"]
+    with pytest.raises(ValueError, match="fails on model 1 of the ensemble: damped curvature"):
+        ModelEnsemble(_FailsOnOtherModels(ensemble.checkpoints)).score(ensemble)

@@ -1,0 +1,124 @@
+"""train.models = 2 through the real pipeline: every estimator that reads a model writes the mean
+of its scores on the two models; model 1's gradients take the form the gradients stage stores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from estimators.model_ensemble import ModelEnsemble
+from estimators.projection import Projector
+from estimators.registry import make_estimator
+from flows.cli import main
+from storage.checkpoints import read_checkpoint_index
+from storage.store import Store
+from storage.stored_gradients import StoredGradients
+from tasks.config import load_config, load_resolved_config
+from tasks.ensemble import member_gradients, scored_estimator
+from tasks.gradients import shard_gradients
+from tasks.score import scoring_context
+
+SETTINGS = ["train.epochs=2", "train.checkpoints=1", "train.models=2", "prune.by=ip",
+            "prune.seeds=1", "estimators=[random,loss,ip,if_cg]", "targets.pairwise=true",
+            "targets.test_samples=12", "gradients.shard_size=256"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("store"))
+    args = [a for s in SETTINGS for a in ("--set", s)]
+    assert main(["run", "--store", str(store.root), *args]) == 0
+    run = store.latest_run()
+    config = load_resolved_config(run.config)
+    records = read_checkpoint_index(run.checkpoints_dir)
+    assert sorted({r.model for r in records}) == [0, 1]
+    return run, config, records
+
+
+def _stored(run, name: str) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(str(run.scores_dir(name, "val_loss") / "part-0.parquet"))
+    table = table.sort_by("sample_id")
+    return table["sample_id"].to_numpy(), table["score"].to_numpy()
+
+
+def _alone(run, config, records, name: str, model: int, pairwise: bool = False):
+    """What a single-model run scores on ``model``: model 0 with the stored gradients, model 1
+    with gradients the estimator computes in memory."""
+    own = [dataclasses.replace(r, model=0) for r in records if r.model == model]
+    ctx = scoring_context(run, config, own, pairwise=pairwise)
+    if model:
+        ctx.gradients = None
+    estimator = make_estimator(name)
+    return estimator.pairwise(ctx) if pairwise else estimator.score(ctx)
+
+
+def _sorted(attribution) -> np.ndarray:
+    return attribution.score[np.argsort(attribution.sample_ids)]
+
+
+@pytest.mark.parametrize("name", ["ip", "if_cg", "loss"])
+def test_scores_are_the_mean_over_the_two_models(ensemble_run, name) -> None:
+    run, config, records = ensemble_run
+    _, written = _stored(run, name)
+    first, second = (_sorted(_alone(run, config, records, name, m)) for m in (0, 1))
+    scale = np.abs(first).max()
+    np.testing.assert_allclose(written, (first + second) / 2, rtol=1e-4, atol=1e-5 * scale)
+    assert np.abs(written - first).max() > 1e-2 * scale  # not the single-model scores
+
+
+def test_random_scores_are_not_averaged(ensemble_run) -> None:
+    run, config, records = ensemble_run
+    _, written = _stored(run, "random")
+    np.testing.assert_array_equal(written, _sorted(_alone(run, config, records, "random", 0)))
+    assert not isinstance(scored_estimator(config, "random"), ModelEnsemble)
+    assert isinstance(scored_estimator(config, "if_cg"), ModelEnsemble)
+    one = load_config(None, ["train.models=1"])
+    assert not isinstance(scored_estimator(one, "ip"), ModelEnsemble)
+
+
+def test_train_x_test_attributions_are_the_mean(ensemble_run) -> None:
+    run, config, records = ensemble_run
+    table = pq.read_table(str(run.attributions_dir("ip"))).sort_by([("train_id", "ascending"),
+                                                                   ("test_id", "ascending")])
+    means = []
+    for model in (0, 1):
+        train_ids, test_ids, matrix = _alone(run, config, records, "ip", model, pairwise=True)
+        means.append(matrix[np.argsort(train_ids)][:, np.argsort(test_ids)])
+    expected = ((means[0] + means[1]) / 2).reshape(-1)
+    assert len(table) == expected.size == config.targets.test_samples * len(means[0])
+    np.testing.assert_allclose(table["score"].to_numpy(), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_member_gradients_match_the_stored_shards(ensemble_run) -> None:
+    """Applied to model 0, the in-memory form equals what the gradients stage wrote."""
+    run, config, records = ensemble_run
+    ctx = scoring_context(run, config, [r for r in records if r.model == 0])
+    memory = member_gradients(config)(dataclasses.replace(ctx, gradients=None), "final")
+    stored = StoredGradients(run, "val")
+    final = ctx.final.index
+    ids, rows = zip(*stored.train_shards(final), strict=True)
+    np.testing.assert_array_equal(np.concatenate(ids), memory.train_ids)
+    np.testing.assert_allclose(memory.train_matrix(final), torch.cat(rows), rtol=1e-5,
+                               atol=1e-7)
+    summed = stored.target(final)  # a float64 sum of float32 rows: rounding-level differences
+    np.testing.assert_allclose(memory.target(final), summed, rtol=1e-5,
+                               atol=1e-6 * float(summed.abs().max()))
+
+
+def test_member_gradients_are_projected_like_the_gradients_stage(ensemble_run) -> None:
+    run, config, records = ensemble_run
+    config = load_config(None, ["gradients.projection=64", "estimators=[ip]", "prune.by=ip"])
+    own = [dataclasses.replace(r, model=0) for r in records if r.model == 1]
+    ctx = scoring_context(run, config, own)
+    memory = member_gradients(config)(dataclasses.replace(ctx, gradients=None), "final")
+    model = ctx.model_at(ctx.final)
+    projector = Projector.for_model(model, 64, seed=config.seed)
+    expected = shard_gradients(model, ctx.train_x, ctx.train_y, projector, rows=256)
+    assert memory.train_matrix(ctx.final.index).shape == (len(ctx.train_ids), 64)
+    np.testing.assert_allclose(memory.train_matrix(ctx.final.index), expected, rtol=1e-5,
+                               atol=1e-7)
