@@ -16,6 +16,18 @@ SMALL = [
 ]
 
 
+# A run small enough to repeat per runner or store: 2 checkpoints, 256-row shards, k = 64.
+SHARDED_RUN = [
+    "train.epochs=3",
+    "train.checkpoints=2",
+    "estimators=[ip, tracin]",
+    "prune.by=tracin",
+    "prune.seeds=1",
+    "gradients.shard_size=256",
+    "gradients.projection=64",
+]
+
+
 def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 

@@ -15,18 +15,9 @@ from flows.cli import main
 from storage.atomic import read_parquet_table
 from storage.metrics import read_metrics
 from storage.store import RunPaths, Store
-from tests.flows.conftest import sets
+from tests.flows.conftest import SHARDED_RUN, sets
 from tests.storage.moto_s3 import object_keys, s3_server
 
-TINY = [
-    "train.epochs=3",
-    "train.checkpoints=2",
-    "estimators=[ip, tracin]",
-    "prune.by=tracin",
-    "prune.seeds=1",
-    "gradients.shard_size=256",
-    "gradients.projection=64",
-]
 BUCKET, PREFIX = "sieve-test", "team/store"
 URL = f"s3://{BUCKET}/{PREFIX}"
 HARMFUL = "select sample_id, score from scores where estimator = 'tracin' order by score limit 5"
@@ -34,7 +25,7 @@ HARMFUL = "select sample_id, score from scores where estimator = 'tracin' order 
 
 def _run(store: Store, *overrides: str) -> tuple[RunPaths, float]:
     started = time.perf_counter()
-    assert main(["run", "--store", str(store), *sets(*TINY, *overrides)]) == 0
+    assert main(["run", "--store", str(store), *sets(*SHARDED_RUN, *overrides)]) == 0
     return store.latest_run(), time.perf_counter() - started
 
 

@@ -14,21 +14,13 @@ from flows.cli import main
 from storage.errors import BadInput
 from storage.store import RunPaths, Store
 from tasks.config import load_config
+from tests.flows.conftest import SHARDED_RUN, sets
 
-SMALL = [
-    "train.epochs=3",
-    "train.checkpoints=2",
-    "estimators=[ip, tracin]",
-    "prune.by=tracin",
-    "prune.seeds=1",
-    "gradients.shard_size=256",
-    "gradients.projection=64",
-]
 ESTIMATORS = ("ip", "tracin")
 
 
 def _run(store: Store, *overrides: str) -> RunPaths:
-    args = [arg for item in (*SMALL, *overrides) for arg in ("--set", item)]
+    args = sets(*SHARDED_RUN, *overrides)
     assert main(["run", "--store", str(store.root), *args]) == 0
     return store.latest_run()
 
