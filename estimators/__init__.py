@@ -10,6 +10,7 @@ from estimators.base import (
     Estimator,
     GradientSource,
     Needs,
+    PairwiseStream,
     PairwiseVectors,
     ScoringContext,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "GradientSource",
     "InMemoryGradients",
     "Needs",
+    "PairwiseStream",
     "PairwiseVectors",
     "ScoringContext",
     "make_estimator",

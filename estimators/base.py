@@ -131,6 +131,19 @@ class PairwiseVectors:
     eps: float = 1e-12
 
 
+@dataclass
+class PairwiseStream:
+    """Train x target scores as blocks of training rows, each computed when asked for:
+    ``blocks`` yields (train ids (m,) int64, scores (m, T) float64) in a fixed order, every
+    train row once, columns aligned with ``target_ids`` (T,) int64; project sign (> 0: z is
+    beneficial to target t). A block is read before the next is asked for (copy what you keep).
+    Memory: one block at a time plus what the estimator prepared (target vectors, curvature
+    factors), whatever n. ``estimators.streamed`` writes, gathers and averages them."""
+
+    target_ids: np.ndarray
+    blocks: Iterator[tuple[np.ndarray, torch.Tensor]]
+
+
 class Estimator(ABC):
     """A training-data attribution method. Subclasses set ``name`` and ``needs``."""
 
@@ -152,3 +165,16 @@ class Estimator(ABC):
         independent of n; ``pairwise`` then equals ``blockwise.pairwise_matrix`` of them.
         Estimators whose scores are not of that form raise (and keep ``pairwise`` only)."""
         raise NotImplementedError(f"{self.name} has no linear train x test form")
+
+    def pairwise_stream(self, ctx: ScoringContext) -> PairwiseStream:
+        """``pairwise`` as a ``PairwiseStream`` of training blocks, for estimators that compute
+        their scores block by block from the model (not from ``pairwise_vectors``); ``pairwise``
+        then equals the gathered stream. The others raise."""
+        raise NotImplementedError(f"{self.name} has no streamed train x test form")
+
+    def streams_pairwise(self) -> bool:
+        """Whether ``pairwise`` can be streamed block by block (``streamed.pairwise_stream``):
+        the estimator has ``pairwise_vectors`` or ``pairwise_stream``."""
+        kind = type(self)
+        return (kind.pairwise_vectors is not Estimator.pairwise_vectors
+                or kind.pairwise_stream is not Estimator.pairwise_stream)

@@ -3,7 +3,8 @@ gradients and its (m, T) scores, never by the number of training samples.
 
 ``stream_scores``: raw inner products ``g_z . g_t`` (IP / TracIn with one checkpoint and unit
 learning rate). ``stream_pairwise``: any estimator's ``PairwiseVectors`` (the score stage's
-train x test attributions). Sign: > 0 means training sample z is beneficial to target t (the
+train x test attributions); ``pairwise_blocks``: the same blocks as an iterator (for
+``estimators.streamed``). Sign: > 0 means training sample z is beneficial to target t (the
 project's convention).
 """
 
@@ -77,10 +78,22 @@ def stream_pairwise(source: GradientSource, vectors: PairwiseVectors, sink: Bloc
     Memory: one block per checkpoint, its (m, T) scores and the vectors, whatever n. A damaged
     shard raises BadInput after its last block reached ``sink``: commit only on return.
     """
+    blocks = 0
+    for ids, scores in pairwise_blocks(source, vectors):
+        sink(ids, scores)
+        blocks += 1
+    if not blocks:
+        raise ValueError("the gradient source yielded no train blocks")
+
+
+def pairwise_blocks(
+    source: GradientSource, vectors: PairwiseVectors
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """``stream_pairwise``'s blocks as an iterator: (ids (m,) int64, scores (m, T) float64, a
+    fresh tensor per block), each computed when asked for."""
     checkpoints = sorted(vectors.vectors)
     targets = [vectors.vectors[c].to(torch.float64) for c in checkpoints]
     read = getattr(source, "train_blocks", source.train_shards)
-    blocks = 0
     for ids, grads in _in_step([iter(read(c)) for c in checkpoints]):
         scores = None
         for g, v in zip(grads, targets, strict=True):
@@ -89,10 +102,7 @@ def stream_pairwise(source: GradientSource, vectors: PairwiseVectors, sink: Bloc
                 g = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + vectors.eps)
             part = g @ v.T
             scores = part if scores is None else scores.add_(part)
-        sink(np.asarray(ids, dtype=np.int64), scores)
-        blocks += 1
-    if not blocks:
-        raise ValueError("the gradient source yielded no train blocks")
+        yield np.asarray(ids, dtype=np.int64), scores
 
 
 def pairwise_matrix(

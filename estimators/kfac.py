@@ -30,7 +30,7 @@ Scores are computed in the eigenbasis: with ``G'_z = Q_S^T G_z Q_A``, ``score(z)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from estimators.base import Attribution, Estimator, Needs, PairwiseStream, ScoringContext
 from estimators.per_sample import parameter_order
 
 Kind = Literal["ekfac", "kfac"]
@@ -397,55 +397,66 @@ class EKFACInfluence(Estimator):
             out.append(g * eig.inverse)
         return out
 
-    def _stream_train(
+    def _train_blocks(
         self,
         ctx: ScoringContext,
         model: nn.Module,
         blocks: list[KroneckerBlock],
         eigens: list[_Eigen],
         targets: list[torch.Tensor],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (n, m) against the preconditioned targets and self-influence (n,), float64."""
-        scores: list[torch.Tensor] = []
-        selfs: list[torch.Tensor] = []
+        with_self: bool,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
+        """Per ``ctx.batch_size`` train rows, computed when asked for: (train ids (b,), scores
+        (b, m) against the preconditioned targets, self-influence (b,) when ``with_self``),
+        float64."""
+        ids = np.asarray(ctx.train_ids, dtype=np.int64)
         for start in range(0, len(ctx.train_x), ctx.batch_size):
             rows = slice(start, start + ctx.batch_size)
             y = ctx.train_y[rows]
             captured = _capture(model, blocks, ctx.train_x[rows], y)
             score = torch.zeros(y.shape[0], targets[0].shape[0], dtype=torch.float64,
                                 device=y.device)
-            self_inf = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+            self_inf = (torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+                        if with_self else None)
             for k, (a, s) in enumerate(captured):
                 g = _rotated(eigens[k], a, s)
                 score += torch.einsum("boi,moi->bm", g, targets[k])
-                self_inf += (g.square() * eigens[k].inverse).sum(dim=(1, 2))
-            scores.append(score)
-            selfs.append(self_inf)
-        return torch.cat(scores).cpu().numpy(), torch.cat(selfs).cpu().numpy()
+                if self_inf is not None:
+                    self_inf += (g.square() * eigens[k].inverse).sum(dim=(1, 2))
+            yield ids[rows], score, self_inf
 
     def score(self, ctx: ScoringContext) -> Attribution:
         model, blocks = self._setup(ctx)
         eigens = self._factors(ctx, model, blocks)
         targets = self._target_rotated(ctx, model, blocks, eigens, per_row=False)
-        scores, suspicion = self._stream_train(ctx, model, blocks, eigens, targets)
+        _, scores, selfs = zip(*self._train_blocks(ctx, model, blocks, eigens, targets, True),
+                               strict=True)
         ids = np.asarray(ctx.train_ids, dtype=np.int64)
-        return Attribution(sample_ids=ids, score=scores[:, 0], suspicion=suspicion)
+        return Attribution(sample_ids=ids, score=torch.cat(scores)[:, 0].cpu().numpy(),
+                           suspicion=torch.cat(selfs).cpu().numpy())
+
+    def pairwise_stream(self, ctx: ScoringContext) -> PairwiseStream:
+        """``pairwise`` block by block: the factors and the m preconditioned target rows
+        ((m, o, p) per module) are computed now, then each ``ctx.batch_size`` train rows'
+        per-example gradients are scored against them when asked for (memory independent of
+        n). Needs a decomposable target."""
+        model, blocks = self._setup(ctx)
+        eigens = self._factors(ctx, model, blocks)
+        targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
+        m = len(ctx.target_x)
+        target_ids = np.arange(m) if ctx.target_ids is None else ctx.target_ids
+        scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
+        return PairwiseStream(np.asarray(target_ids, dtype=np.int64),
+                              ((ids, score) for ids, score, _ in scored))
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores of every train row against every single target row (``ctx.target_x``):
         (train ids (n,), target ids (m,), (n, m) float64), same sign and scale as ``score``;
-        the columns sum to ``score`` for a decomposable target. Needs a decomposable target."""
-        model, blocks = self._setup(ctx)
-        eigens = self._factors(ctx, model, blocks)
-        targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
-        scores, _ = self._stream_train(ctx, model, blocks, eigens, targets)
-        m = len(ctx.target_x)
-        target_ids = np.arange(m) if ctx.target_ids is None else ctx.target_ids
-        return (
-            np.asarray(ctx.train_ids, dtype=np.int64),
-            np.asarray(target_ids, dtype=np.int64),
-            scores,
-        )
+        the columns sum to ``score`` for a decomposable target. Needs a decomposable target.
+        The gathered ``pairwise_stream``."""
+        stream = self.pairwise_stream(ctx)
+        ids, scores = zip(*stream.blocks, strict=True)
+        return (np.concatenate(ids), stream.target_ids, torch.cat(scores).cpu().numpy())
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:

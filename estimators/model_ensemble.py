@@ -18,18 +18,21 @@ Member m sees ``ctx`` with its own checkpoints and no extra models. Model 0 keep
 per-sample gradients gets ``gradients_for(member_ctx, needs.checkpoints)`` or, without it,
 computes them itself in memory (``estimators._streaming.gradient_source``). Members run one after
 the other, so the extra memory is one member's gradients at a time: n x d floats per checkpoint
-the estimator reads (final, or all), plus its target rows.
+the estimator reads (final, or all), plus its target rows. ``pairwise_stream`` (a base that
+streams) reads all members in step instead, block by block, with no (n, n_targets) matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Literal, TypeVar
 
 import numpy as np
 
-from estimators.base import Attribution, Estimator, GradientSource, ScoringContext
+from estimators.base import Attribution, Estimator, GradientSource, PairwiseStream, ScoringContext
+from estimators.streamed import mean_stream, pairwise_stream
 
 T = TypeVar("T")
 GradientsFor = Callable[[ScoringContext, Literal["final", "all"]], GradientSource]
@@ -47,8 +50,10 @@ class ModelEnsemble(Estimator):
     """``base`` run on every trained model of the context, outputs averaged (module docstring).
 
     ``gradients_for``: how a member m >= 1 gets its per-sample gradients (default: the base
-    estimator computes them in memory); ``on_member(m, K)`` is called before member m runs.
-    With no extra models the output is the base estimator's, bit for bit.
+    estimator computes them in memory); ``stream_gradients_for``: the same for
+    ``pairwise_stream`` (default ``gradients_for``; e.g. gradients computed block by block as
+    they are read); ``on_member(m, K)`` is called before member m runs. With no extra models
+    the output is the base estimator's, bit for bit.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class ModelEnsemble(Estimator):
         base: Estimator,
         gradients_for: GradientsFor | None = None,
         on_member: Callable[[int, int], None] | None = None,
+        stream_gradients_for: GradientsFor | None = None,
     ) -> None:
         if not averages_over_models(base):
             raise ValueError(f"{base.name} reads no model or combines models itself")
@@ -64,9 +70,14 @@ class ModelEnsemble(Estimator):
         self.needs = replace(base.needs, models=True)
         self.gradients_for = gradients_for
         self.on_member = on_member
+        self.stream_gradients_for = stream_gradients_for or gradients_for
 
-    def members(self, ctx: ScoringContext) -> Iterator[ScoringContext]:
-        """The context of each model in turn: model 0 as given, then each of ``extra_models``."""
+    def members(
+        self, ctx: ScoringContext, gradients_for: GradientsFor | None = None
+    ) -> Iterator[ScoringContext]:
+        """The context of each model in turn: model 0 as given, then each of ``extra_models``
+        (with gradients from ``gradients_for``, default ``self.gradients_for``)."""
+        gradients_for = gradients_for or self.gradients_for
         models = [ctx.checkpoints, *ctx.extra_models]
         for m, checkpoints in enumerate(models):
             if not checkpoints:
@@ -77,8 +88,8 @@ class ModelEnsemble(Estimator):
                 yield replace(ctx, extra_models=[])
                 continue
             member = replace(ctx, checkpoints=checkpoints, extra_models=[], gradients=None)
-            if self.base.needs.gradients and self.gradients_for is not None:
-                member.gradients = self.gradients_for(member, self.base.needs.checkpoints)
+            if self.base.needs.gradients and gradients_for is not None:
+                member.gradients = gradients_for(member, self.base.needs.checkpoints)
             yield member
 
     def score(self, ctx: ScoringContext) -> Attribution:
@@ -93,8 +104,9 @@ class ModelEnsemble(Estimator):
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mean over models of the base estimator's train x target scores: (train ids (n,),
-        target ids (m,), (n, m) float64). Not streamed (each model has its own gradients):
-        memory two (n, m) matrices, the running sum and one model's."""
+        target ids (m,), (n, m) float64), gathered whole: memory two (n, m) matrices, the
+        running sum and one model's (the score stage streams a base that streams:
+        ``pairwise_stream``)."""
         total, count = None, 0
         for train_ids, target_ids, matrix in self._each(ctx, self.base.pairwise):
             if total is None:
@@ -106,9 +118,30 @@ class ModelEnsemble(Estimator):
             count += 1
         return first[0], first[1], total / count
 
-    def _each(self, ctx: ScoringContext, run: Callable[[ScoringContext], T]) -> Iterator[T]:
+    def streams_pairwise(self) -> bool:
+        """Whether the base estimator streams its train x target scores (then so does the
+        ensemble: ``pairwise_stream``)."""
+        return self.base.streams_pairwise()
+
+    def pairwise_stream(self, ctx: ScoringContext) -> PairwiseStream:
+        """The mean over models of the base estimator's ``streamed.pairwise_stream``, block by
+        block (``streamed.mean_stream``): ``pairwise``'s numbers without an (n, m) matrix.
+        Every member's stream is prepared first (its target vectors or factors, m x d floats
+        per member), then all are read in step, one block of each at a time. Model 0 reads
+        ``ctx.gradients`` block by block; an extra model's gradients come from
+        ``stream_gradients_for`` and stay alive until the stream ends: K - 1 sources at once
+        (n x d floats each when held in memory, one block when computed as read)."""
+        if not self.streams_pairwise():
+            raise NotImplementedError(f"{self.name} has no streamed train x test form")
+        run = partial(pairwise_stream, self.base)
+        return mean_stream(list(self._each(ctx, run, self.stream_gradients_for)))
+
+    def _each(
+        self, ctx: ScoringContext, run: Callable[[ScoringContext], T],
+        gradients_for: GradientsFor | None = None,
+    ) -> Iterator[T]:
         """``run`` on every member in turn; a ValueError names the model it came from."""
-        for m, member in enumerate(self.members(ctx)):
+        for m, member in enumerate(self.members(ctx, gradients_for)):
             try:
                 result = run(member)
             except ValueError as exc:

@@ -24,8 +24,15 @@ import pyarrow as pa
 import torch
 from upath import UPath
 
-from estimators.base import Estimator, GradientSource, PairwiseVectors, ScoringContext
+from estimators.base import (
+    Estimator,
+    GradientSource,
+    PairwiseStream,
+    PairwiseVectors,
+    ScoringContext,
+)
 from estimators.blockwise import stream_pairwise
+from estimators.streamed import pairwise_stream
 from storage.atomic import _alive, write_parquet_atomic
 
 ATTRIBUTION_SCHEMA = pa.schema(
@@ -159,17 +166,34 @@ def write_attributions(
         return parts.close()
 
 
+def write_stream(directory: Path, stream: PairwiseStream, part_rows: int = PART_ROWS) -> int:
+    """Write a ``PairwiseStream``'s blocks into ``directory``'s parts as they come (staged,
+    committed only when the stream ends); returns the number of parts. Memory: one block and
+    one part, whatever n."""
+    with staged_directory(directory) as staging:
+        parts = AttributionParts(staging, stream.target_ids, part_rows)
+        blocks = 0
+        for ids, scores in stream.blocks:
+            parts(ids, scores)
+            blocks += 1
+        if not blocks:
+            raise ValueError("the stream yielded no train blocks")
+        return parts.close()
+
+
 def streams_pairwise(estimator: Estimator) -> bool:
-    """Whether ``estimator`` has ``pairwise_vectors`` (its attributions are streamed)."""
-    return type(estimator).pairwise_vectors is not Estimator.pairwise_vectors
+    """Whether ``estimator``'s attributions are written block by block
+    (``Estimator.streams_pairwise``: ``pairwise_vectors``, ``pairwise_stream``, or a model
+    ensemble of such an estimator)."""
+    return estimator.streams_pairwise()
 
 
 def write_pairwise(directory: Path, estimator: Estimator, ctx: ScoringContext) -> int:
     """Write ``estimator``'s train x test attributions into ``directory``; returns the number
-    of parts. Estimators with ``pairwise_vectors`` (linear in the stored train gradients) are
-    streamed from ``ctx.gradients`` block by block (memory independent of n); the others
+    of parts. Estimators that stream (``streams_pairwise``) are written block by block from
+    ``streamed.pairwise_stream`` (memory independent of n: linear ones from ``ctx.gradients``,
+    EK-FAC from the model, a model ensemble as the mean of its members' blocks); the others
     gather ``pairwise``'s (n, m) matrix first."""
-    if streams_pairwise(estimator) and ctx.gradients is not None:
-        vectors = estimator.pairwise_vectors(ctx)
-        return write_streamed_attributions(directory, ctx.gradients, vectors)
+    if streams_pairwise(estimator):
+        return write_stream(directory, pairwise_stream(estimator, ctx))
     return write_attributions(directory, *estimator.pairwise(ctx))

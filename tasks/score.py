@@ -2,8 +2,8 @@
 
 Writes ``scores/estimator=<e>/target=<t>/part-0.parquet`` (sample_id, score, suspicion),
 with ``targets.pairwise`` the train x test ``attributions/estimator=<e>/`` (``tasks.attributions``,
-streamed block by block for estimators with ``pairwise_vectors``) and, when corruption is
-known, each estimator's noisy-label detection metrics.
+streamed block by block for estimators that stream: ``Estimator.streams_pairwise``) and, when
+corruption is known, each estimator's noisy-label detection metrics.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ exact GGN influence, the sign tests of section 11, pairwise consistency, exclude
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -221,6 +223,28 @@ def test_duplicated_mislabeled_sample_scores_negative(mislabeled_case, kind) -> 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pairwise_columns_sum_to_the_summed_target_score(mlp, kit, kind) -> None:
     kit.assert_pairwise_sums_to_score(EKFACInfluence(kind=kind), mlp, n_targets=40)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_stream_scores_batch_by_batch_each_target_alone(mlp, kind) -> None:
+    """The stream's blocks are ``batch_size`` train rows; column t equals ``score`` against
+    target row t alone (the summed-target path, a different computation) to 1e-10."""
+    ctx = dataclasses.replace(mlp, target_x=mlp.target_x[:4], target_y=mlp.target_y[:4],
+                              target_ids=np.arange(4) + 700, batch_size=50)
+    estimator = EKFACInfluence(kind=kind)
+    assert estimator.streams_pairwise()
+    stream = estimator.pairwise_stream(ctx)
+    blocks = [(ids.copy(), scores.clone()) for ids, scores in stream.blocks]
+    assert {len(ids) for ids, _ in blocks[:-1]} == {50} and len(blocks) > 2
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in blocks]), ctx.train_ids)
+    np.testing.assert_array_equal(stream.target_ids, ctx.target_ids)
+    matrix = torch.cat([scores for _, scores in blocks]).numpy()
+    for t in range(4):
+        alone = dataclasses.replace(ctx, target_x=ctx.target_x[t : t + 1],
+                                    target_y=ctx.target_y[t : t + 1])
+        expected = EKFACInfluence(kind=kind).score(alone).score
+        np.testing.assert_allclose(matrix[:, t], expected, rtol=1e-10,
+                                   atol=1e-10 * np.abs(expected).max())
 
 
 def test_seeded_sampling_and_options(mlp) -> None:

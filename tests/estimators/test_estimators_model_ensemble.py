@@ -6,14 +6,16 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
-from estimators.base import Estimator, Needs
+from estimators.base import Estimator, Needs, PairwiseStream
 from estimators.baselines import RandomScores, SelfLoss
 from estimators.influence import ExactInfluence
-from estimators.inner_product import InnerProduct
+from estimators.inner_product import CosineInnerProduct, InnerProduct
 from estimators.iterative_influence import ConjugateGradientInfluence
 from estimators.kfac import EKFACInfluence
 from estimators.model_ensemble import ModelEnsemble, averages_over_models
+from estimators.streamed import gathered, mean_stream
 from estimators.tracin import TracIn
 from estimators.trak import TRAK
 
@@ -69,6 +71,44 @@ def test_pairwise_is_the_mean_over_models(models, base) -> None:
     assert matrix.shape == (len(train_ids), 40)
     np.testing.assert_allclose(matrix, (runs[0][2] + runs[1][2]) / 2, rtol=1e-9,
                                atol=1e-12 * np.abs(runs[0][2]).max())
+
+
+@pytest.mark.parametrize("base", [InnerProduct, CosineInnerProduct, TracIn, ExactInfluence,
+                                  EKFACInfluence], ids=lambda c: c.name)
+def test_streamed_pairwise_equals_the_whole_matrix_mean(models, base) -> None:
+    """Block by block (linear bases: model 0's shards of 64 rows and model 1's in-memory blocks
+    of 512, cut to common row ranges; EK-FAC: batches of rows): the whole-matrix ensemble."""
+    ensemble = ModelEnsemble(base())
+    assert ensemble.streams_pairwise()
+    train_ids, target_ids, matrix = ensemble.pairwise(models["ensemble"])
+    stream = ensemble.pairwise_stream(models["ensemble"])
+    blocks = [(ids.copy(), scores.numpy().copy()) for ids, scores in stream.blocks]
+    assert len(blocks) > 1 and max(len(ids) for ids, _ in blocks) <= 64
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in blocks]), train_ids)
+    np.testing.assert_array_equal(stream.target_ids, target_ids)
+    streamed = np.concatenate([s for _, s in blocks])
+    np.testing.assert_allclose(streamed, matrix, rtol=1e-12, atol=1e-12 * np.abs(matrix).max())
+    alone = base().pairwise(models["single"][0])[2]
+    assert np.abs(streamed - alone).max() > 1e-3 * np.abs(alone).max()  # both models count
+
+
+def _stream(ids: np.ndarray, scores: torch.Tensor, block: int) -> PairwiseStream:
+    return PairwiseStream(np.arange(scores.shape[1]), iter(
+        [(ids[i : i + block], scores[i : i + block]) for i in range(0, len(ids), block)]))
+
+
+def test_streamed_members_must_hold_the_same_rows() -> None:
+    ids, scores = np.arange(10), torch.arange(30, dtype=torch.float64).reshape(10, 3)
+    mean = gathered(mean_stream([_stream(ids, scores, 3), _stream(ids, 3 * scores, 4)]))
+    np.testing.assert_array_equal(mean[2], 2 * scores.numpy())
+    with pytest.raises(ValueError, match="different orders"):
+        gathered(mean_stream([_stream(ids, scores, 3), _stream(ids[::-1], scores, 3)]))
+    with pytest.raises(ValueError, match="different numbers of train rows"):
+        gathered(mean_stream([_stream(ids, scores, 3), _stream(ids[:-1], scores[:-1], 3)]))
+    with pytest.raises(ValueError, match="different target rows"):
+        mean_stream([_stream(ids, scores, 3), _stream(ids, scores[:, :2], 3)])
+    with pytest.raises(NotImplementedError, match="no streamed"):
+        ModelEnsemble(SelfLoss()).pairwise_stream(None)
 
 
 def test_extra_models_take_gradients_from_gradients_for(models) -> None:

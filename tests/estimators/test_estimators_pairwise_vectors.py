@@ -34,6 +34,15 @@ def test_exactly_the_linear_estimators_have_target_vectors() -> None:
         make_estimator("trak").pairwise_vectors(None)
 
 
+def test_streamed_estimators_are_the_linear_ones_and_ekfac() -> None:
+    """``pairwise_stream`` (scores computed per block of train rows from the model): EK-FAC;
+    TRAK, ip_ensemble and diffin keep the whole matrix."""
+    streamed = {name for name in ESTIMATORS if make_estimator(name).streams_pairwise()}
+    assert streamed == LINEAR | {"if_ekfac"}
+    with pytest.raises(NotImplementedError, match="no streamed train x test form"):
+        make_estimator("trak").pairwise_stream(None)
+
+
 @pytest.mark.parametrize("name", ["ip", "cosine", "tracin"])
 def test_blocks_reach_the_sink_one_shard_at_a_time(ctx, name) -> None:
     estimator = make_estimator(name)

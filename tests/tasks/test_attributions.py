@@ -16,8 +16,10 @@ from torch import nn
 
 from benchmarks._measure import release_memory
 from estimators import Checkpoint, InMemoryGradients, PairwiseVectors, ScoringContext
+from estimators.base import PairwiseStream
 from estimators.influence import curvature_matrix
 from estimators.registry import make_estimator
+from estimators.streamed import pairwise_stream
 from storage.atomic import read_parquet_table
 from storage.errors import BadInput
 from storage.gradient_shards import (
@@ -31,8 +33,10 @@ from storage.stored_gradients import StoredGradients
 from tasks.attributions import (
     AttributionParts,
     staged_directory,
+    streams_pairwise,
     write_attributions,
     write_pairwise,
+    write_stream,
     write_streamed_attributions,
 )
 from tasks.memory import peak_memory
@@ -148,6 +152,36 @@ def test_streamed_attributions_equal_the_whole_matrix_table(stored, tmp_path, na
     scale = np.abs(reference).max()
     assert scale > 0
     np.testing.assert_allclose(score, reference, rtol=1e-12, atol=1e-12 * scale)
+
+
+def test_ekfac_attributions_are_written_block_by_block(stored, tmp_path) -> None:
+    """EK-FAC streams batches of train rows from the model (no stored gradients): the table of
+    its whole ``pairwise`` matrix, one part per batch with small parts; a stream that fails
+    midway commits nothing."""
+    _, ctx = stored
+    estimator = make_estimator("if_ekfac")
+    assert streams_pairwise(estimator) and not streams_pairwise(make_estimator("trak"))
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    write_attributions(whole, *estimator.pairwise(ctx))
+    batches = -(-N_TRAIN // ctx.batch_size)
+    stream = pairwise_stream(estimator, ctx)
+    assert write_stream(streamed, stream, part_rows=ctx.batch_size * N_TEST) == batches
+    got, expected = _table(streamed), _table(whole)
+    assert got.num_rows == N_TRAIN * N_TEST
+    for column in ("train_id", "test_id"):
+        np.testing.assert_array_equal(got[column].to_numpy(), expected[column].to_numpy())
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(),
+                               rtol=1e-10, atol=1e-10 * np.abs(expected["score"]).max())
+    before = {p.name: p.read_bytes() for p in streamed.iterdir()}
+
+    def failing():
+        yield from list(pairwise_stream(estimator, ctx).blocks)[:2]
+        raise ValueError("curvature went bad")
+
+    with pytest.raises(ValueError, match="curvature went bad"):
+        write_stream(streamed, PairwiseStream(stream.target_ids, failing()), part_rows=1)
+    assert {p.name: p.read_bytes() for p in streamed.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
 
 
 def test_small_parts_and_a_damaged_shard_commit_nothing(stored, tmp_path) -> None:

@@ -17,8 +17,9 @@ from flows.cli import main
 from storage.checkpoints import read_checkpoint_index
 from storage.store import Store
 from storage.stored_gradients import StoredGradients
+from tasks.attributions import streams_pairwise
 from tasks.config import load_config, load_resolved_config
-from tasks.ensemble import member_gradients, scored_estimator
+from tasks.ensemble import member_gradients, scored_estimator, streamed_member_gradients
 from tasks.gradients import shard_gradients
 from tasks.score import scoring_context
 
@@ -94,6 +95,24 @@ def test_train_x_test_attributions_are_the_mean(ensemble_run) -> None:
                                atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("name", ["ip", "if_cg"])
+def test_streamed_attributions_equal_the_whole_matrix_ensemble(ensemble_run, name) -> None:
+    """The score stage streamed the two models' mean block by block (model 1's gradients
+    computed as read): the numbers of ``ModelEnsemble.pairwise`` (whole matrices averaged,
+    model 1's gradients held in memory)."""
+    run, config, records = ensemble_run
+    estimator = scored_estimator(config, name)
+    assert isinstance(estimator, ModelEnsemble) and streams_pairwise(estimator)
+    estimator.on_member = None  # it logs to the score task's run logger
+    train_ids, test_ids, matrix = estimator.pairwise(scoring_context(run, config, records,
+                                                                     pairwise=True))
+    table = pq.read_table(str(run.attributions_dir(name)))
+    np.testing.assert_array_equal(table["train_id"].to_numpy(), np.repeat(train_ids, len(test_ids)))
+    np.testing.assert_array_equal(table["test_id"].to_numpy(), np.tile(test_ids, len(train_ids)))
+    np.testing.assert_allclose(table["score"].to_numpy(), matrix.reshape(-1), rtol=1e-12,
+                               atol=1e-12 * np.abs(matrix).max())
+
+
 def test_member_gradients_match_the_stored_shards(ensemble_run) -> None:
     """Applied to model 0, the in-memory form equals what the gradients stage wrote."""
     run, config, records = ensemble_run
@@ -108,6 +127,30 @@ def test_member_gradients_match_the_stored_shards(ensemble_run) -> None:
     summed = stored.target(final)  # a float64 sum of float32 rows: rounding-level differences
     np.testing.assert_allclose(memory.target(final), summed, rtol=1e-5,
                                atol=1e-6 * float(summed.abs().max()))
+
+
+@pytest.mark.parametrize("projection", [None, 64])
+def test_streamed_member_gradients_are_the_in_memory_ones_block_by_block(ensemble_run,
+                                                                           projection) -> None:
+    """Model 1's gradients computed as they are read: the in-memory rows, shard by shard."""
+    run, config, records = ensemble_run
+    if projection:
+        config = load_config(None, [f"gradients.projection={projection}", "estimators=[ip]",
+                                    "prune.by=ip", "gradients.shard_size=256"])
+    own = [dataclasses.replace(r, model=0) for r in records if r.model == 1]
+    ctx = dataclasses.replace(scoring_context(run, config, own, pairwise=True), gradients=None)
+    memory = member_gradients(config)(ctx, "final")
+    computed = streamed_member_gradients(config)(ctx, "final")
+    final = ctx.final.index
+    blocks = list(computed.train_shards(final))
+    assert [len(ids) for ids, _ in blocks][:-1] == [256] * (len(blocks) - 1) and len(blocks) > 1
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in blocks]), memory.train_ids)
+    np.testing.assert_allclose(torch.cat([g for _, g in blocks]), memory.train_matrix(final),
+                               rtol=1e-6, atol=1e-8)
+    for got, expected in zip(computed.target_rows(final), memory.target_rows(final),
+                             strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(computed.target(final), memory.target(final), rtol=1e-9)
 
 
 def test_member_gradients_are_projected_like_the_gradients_stage(ensemble_run) -> None:
