@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,7 @@ import pyarrow.compute as pc
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
 from storage.location import StorePath, lock_file, store_path
+from storage.locks import file_lock
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -33,20 +33,8 @@ _LOCK = threading.Lock()
 def _locked(path: StorePath) -> Iterator[None]:
     """Serialize writers: threads via a module lock, processes via flock on a sidecar file
     (a local one for a URL: processes on one machine are serialized, other machines not)."""
-    with _LOCK:
-        if os.name != "posix":
-            yield
-            return
-        import fcntl
-
-        lock = lock_file(path)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    with _LOCK, file_lock(lock_file(path)):
+        yield
 
 
 def _optional_int(row: dict[str, Any], key: str) -> int | None:
