@@ -111,13 +111,13 @@ def remove_stale_temporaries(directory: StorePath) -> list[Path]:
     removed = []
     for path in directory.rglob(".*.tmp-*"):
         m = _TEMPORARY.match(path.name)
-        if m and path.is_file() and not _alive(int(m.group(1))):
+        if m and path.is_file() and not process_alive(int(m.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` may be running (always True where that can't be checked)."""
     if pid == os.getpid() or os.name != "posix":  # on Windows os.kill(pid, 0) would kill it
         return True

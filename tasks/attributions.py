@@ -33,7 +33,7 @@ from estimators.base import (
 )
 from estimators.blockwise import stream_pairwise
 from estimators.streamed import pairwise_stream
-from storage.atomic import _alive, write_parquet_atomic
+from storage.atomic import process_alive, write_parquet_atomic
 
 ATTRIBUTION_SCHEMA = pa.schema(
     [("train_id", pa.int64()), ("test_id", pa.int64()), ("score", pa.float64())]
@@ -103,7 +103,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         m = _STAGING.search(stale.name)
-        if m and stale.is_dir() and not _alive(int(m.group(1))):
+        if m and stale.is_dir() and not process_alive(int(m.group(1))):
             shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     staging = final.parent / f".{final.name}.tmp-{tag}"
@@ -181,19 +181,13 @@ def write_stream(directory: Path, stream: PairwiseStream, part_rows: int = PART_
         return parts.close()
 
 
-def streams_pairwise(estimator: Estimator) -> bool:
-    """Whether ``estimator``'s attributions are written block by block
-    (``Estimator.streams_pairwise``: ``pairwise_vectors``, ``pairwise_stream``, or a model
-    ensemble of such an estimator)."""
-    return estimator.streams_pairwise()
-
-
 def write_pairwise(directory: Path, estimator: Estimator, ctx: ScoringContext) -> int:
     """Write ``estimator``'s train x test attributions into ``directory``; returns the number
-    of parts. Estimators that stream (``streams_pairwise``) are written block by block from
-    ``streamed.pairwise_stream`` (memory independent of n: linear ones from ``ctx.gradients``,
+    of parts. Estimators that stream (``Estimator.streams_pairwise``) are written block by
+    block from ``streamed.pairwise_stream`` (memory independent of n: linear ones from
+    ``ctx.gradients``,
     EK-FAC from the model, a model ensemble as the mean of its members' blocks); the others
     gather ``pairwise``'s (n, m) matrix first."""
-    if streams_pairwise(estimator):
+    if estimator.streams_pairwise():
         return write_stream(directory, pairwise_stream(estimator, ctx))
     return write_attributions(directory, *estimator.pairwise(ctx))

@@ -25,7 +25,7 @@ from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
 from storage.stored_gradients import StoredGradients
 from storage.tracking import Tracking
-from tasks.attributions import streams_pairwise, write_pairwise
+from tasks.attributions import write_pairwise
 from tasks.config import Config
 from tasks.ensemble import scored_estimator
 from tasks.memory import peak_memory
@@ -128,7 +128,7 @@ def score_one(
     if config.targets.pairwise and supports_pairwise(estimator):
         ctx = scoring_context(run, config, records, pairwise=True)
         parts = write_pairwise(run.attributions_dir(name), estimator, ctx)
-        how = "streamed block by block" if streams_pairwise(estimator) else "whole matrix"
+        how = "streamed block by block" if estimator.streams_pairwise() else "whole matrix"
         get_run_logger().info("score: %s train x test attributions written, %d part(s) (%s)",
                               name, parts, how)
     return attribution, seconds, memory.delta_mb

@@ -33,7 +33,6 @@ from storage.stored_gradients import StoredGradients
 from tasks.attributions import (
     AttributionParts,
     staged_directory,
-    streams_pairwise,
     write_attributions,
     write_pairwise,
     write_stream,
@@ -160,7 +159,7 @@ def test_ekfac_attributions_are_written_block_by_block(stored, tmp_path) -> None
     midway commits nothing."""
     _, ctx = stored
     estimator = make_estimator("if_ekfac")
-    assert streams_pairwise(estimator) and not streams_pairwise(make_estimator("trak"))
+    assert estimator.streams_pairwise() and not make_estimator("trak").streams_pairwise()
     whole, streamed = tmp_path / "whole", tmp_path / "streamed"
     write_attributions(whole, *estimator.pairwise(ctx))
     batches = -(-N_TRAIN // ctx.batch_size)

@@ -17,7 +17,6 @@ from flows.cli import main
 from storage.checkpoints import read_checkpoint_index
 from storage.store import Store
 from storage.stored_gradients import StoredGradients
-from tasks.attributions import streams_pairwise
 from tasks.config import load_config, load_resolved_config
 from tasks.ensemble import member_gradients, scored_estimator, streamed_member_gradients
 from tasks.gradients import shard_gradients
@@ -102,7 +101,7 @@ def test_streamed_attributions_equal_the_whole_matrix_ensemble(ensemble_run, nam
     model 1's gradients held in memory)."""
     run, config, records = ensemble_run
     estimator = scored_estimator(config, name)
-    assert isinstance(estimator, ModelEnsemble) and streams_pairwise(estimator)
+    assert isinstance(estimator, ModelEnsemble) and estimator.streams_pairwise()
     estimator.on_member = None  # it logs to the score task's run logger
     train_ids, test_ids, matrix = estimator.pairwise(scoring_context(run, config, records,
                                                                      pairwise=True))
