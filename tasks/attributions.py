@@ -185,9 +185,8 @@ def write_pairwise(directory: Path, estimator: Estimator, ctx: ScoringContext) -
     """Write ``estimator``'s train x test attributions into ``directory``; returns the number
     of parts. Estimators that stream (``Estimator.streams_pairwise``) are written block by
     block from ``streamed.pairwise_stream`` (memory independent of n: linear ones from
-    ``ctx.gradients``,
-    EK-FAC from the model, a model ensemble as the mean of its members' blocks); the others
-    gather ``pairwise``'s (n, m) matrix first."""
+    ``ctx.gradients``, EK-FAC from the model, a model ensemble as the mean of its members'
+    blocks); the others gather ``pairwise``'s (n, m) matrix first."""
     if estimator.streams_pairwise():
         return write_stream(directory, pairwise_stream(estimator, ctx))
     return write_attributions(directory, *estimator.pairwise(ctx))
