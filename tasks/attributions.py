@@ -26,12 +26,9 @@ from upath import UPath
 
 from estimators.base import (
     Estimator,
-    GradientSource,
     PairwiseStream,
-    PairwiseVectors,
     ScoringContext,
 )
-from estimators.blockwise import stream_pairwise
 from estimators.streamed import pairwise_stream
 from storage.atomic import process_alive, write_parquet_atomic
 
@@ -138,19 +135,6 @@ def _staged_objects(final: UPath) -> Iterator[UPath]:
     parts = final.fs.find(staging.path)  # object by object: s3fs's recursive mv copies the
     final.fs.copy(parts, [final.path + p[len(staging.path):] for p in parts])  # folder key too
     final.fs.rm(staging.path, recursive=True)
-
-
-def write_streamed_attributions(
-    directory: Path, source: GradientSource, vectors: PairwiseVectors,
-    part_rows: int = PART_ROWS,
-) -> int:
-    """Score ``source``'s train gradients against ``vectors`` block by block
-    (``blockwise.stream_pairwise``) into ``directory``'s parts; returns the number of parts.
-    Memory: one block, one part and the vectors, whatever n."""
-    with staged_directory(directory) as staging:
-        parts = AttributionParts(staging, vectors.target_ids, part_rows)
-        stream_pairwise(source, vectors, parts)
-        return parts.close()
 
 
 def write_attributions(

@@ -17,6 +17,7 @@ from torch import nn
 from benchmarks._measure import release_memory
 from estimators import Checkpoint, InMemoryGradients, PairwiseVectors, ScoringContext
 from estimators.base import PairwiseStream
+from estimators.blockwise import pairwise_blocks
 from estimators.influence import curvature_matrix
 from estimators.registry import make_estimator
 from estimators.streamed import pairwise_stream
@@ -36,7 +37,6 @@ from tasks.attributions import (
     write_attributions,
     write_pairwise,
     write_stream,
-    write_streamed_attributions,
 )
 from tasks.memory import peak_memory
 
@@ -189,7 +189,7 @@ def test_small_parts_and_a_damaged_shard_commit_nothing(stored, tmp_path) -> Non
     vectors = estimator.pairwise_vectors(ctx)
     out = tmp_path / "attributions" / "estimator=tracin"
     blocks = -(-N_TRAIN // SHARD)
-    assert write_streamed_attributions(out, ctx.gradients, vectors,
+    assert _write_vectors(out, ctx.gradients, vectors,
                                        part_rows=SHARD * N_TEST) == blocks
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == [f"part-{k}.parquet" for k in range(blocks)]
@@ -202,7 +202,7 @@ def test_small_parts_and_a_damaged_shard_commit_nothing(stored, tmp_path) -> Non
     damaged.write_bytes(bytes(data))
     try:
         with pytest.raises(BadInput, match=r"^corrupted gradient shard .*checksum mismatch"):
-            write_streamed_attributions(out, ctx.gradients, vectors, part_rows=SHARD * N_TEST)
+            _write_vectors(out, ctx.gradients, vectors, part_rows=SHARD * N_TEST)
     finally:
         damaged.write_bytes(original)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old parts, whole
@@ -253,7 +253,7 @@ def test_peak_memory_does_not_grow_with_the_training_set(tmp_path) -> None:
     for rows in (n // 8, n, 2 * n):  # the first run pays one-time allocations
         source = _random_run(tmp_path / "store", rows, k, seed=rows)
         out = tmp_path / f"att-{rows}"
-        peaks[rows] = _peaks(partial(write_streamed_attributions, out, source, vectors,
+        peaks[rows] = _peaks(partial(_write_vectors, out, source, vectors,
                                      part_rows=1 << 18))
         assert len(list(out.iterdir())) == rows // 1024  # a block's 1024 x 512 scores a part
     matrix = 2 * n * targets * 8 / 2**20  # 128 MiB
@@ -279,3 +279,11 @@ def test_an_object_store_folder_is_replaced_only_after_every_part(tmp_path) -> N
     assert write_attributions(final, ids[:10], tests, np.zeros((10, 4))) == 1
     assert [p.name for p in final.iterdir()] == ["part-0.parquet"]
     assert read_parquet_table(final / "part-0.parquet").num_rows == 40
+
+
+def _write_vectors(out, source, vectors: PairwiseVectors, part_rows: int) -> int:
+    """The score stage's streamed writer for a linear estimator: ``source``'s train blocks
+    against ``vectors``, written part by part."""
+    stream = PairwiseStream(np.asarray(vectors.target_ids, dtype=np.int64),
+                            pairwise_blocks(source, vectors))
+    return write_stream(out, stream, part_rows=part_rows)
