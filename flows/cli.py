@@ -7,6 +7,7 @@ import sys
 import time
 
 from storage.errors import BadInput
+from storage.location import is_remote, store_failure
 from storage.store import Store
 
 EXIT_BAD_INPUT = 2
@@ -25,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = Store(args.store) if args.store else Store.default()
         store.check_reachable()
-        return args.command(args, store)
+        try:
+            return args.command(args, store)
+        except Exception as exc:  # a URL store that stops answering is not a bug of Sieve's
+            reason = store_failure(exc) if is_remote(store.root) else None
+            if reason is None:
+                raise
+            raise BadInput(f"store {store} is not reachable: {reason}") from None
     except BadInput as exc:
         reason = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # always one line
         print(f"error: {reason}", file=sys.stderr)
@@ -134,6 +141,7 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     from flows.pipeline import pipeline
     from flows.runner import with_runner
     from flows.terminal import flow_output
+    from tasks.interrupts import interruption, signals_raise
 
     flow, show = {"pipeline": (pipeline, report.print_run_summary),
                   "evaluate": (evaluate, report.print_evaluation),
@@ -142,16 +150,38 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     if args.quiet and not args.json:
         print(run_id, flush=True)
     started = time.perf_counter()
-    with flow_output(quiet=args.quiet or args.json):
-        start_local_api()  # a store's concurrent runs must not create Prefect's database at once
-        summary = flow(config=config, store=str(store.root), run_id=run_id,
-                       resume=args.resume is not None)
+    with flow_output(quiet=args.quiet or args.json), signals_raise():
+        try:
+            start_local_api()  # a store's concurrent runs must not create Prefect's db at once
+            summary = flow(config=config, store=str(store.root), run_id=run_id,
+                           resume=args.resume is not None)
+        except BaseException as exc:
+            signum = interruption(exc)
+            if signum is None:
+                raise
+            return _interrupted(store, run_id, "run" if flow_name != "evaluate" else flow_name,
+                                signum)
     seconds = time.perf_counter() - started
     if args.json:
         print(summary_json(summary, seconds), flush=True)
     elif not args.quiet:
         show(summary, config, seconds)
     return 0
+
+
+def _interrupted(store: Store, run_id: str, command: str, signum: int) -> int:
+    """Say on stderr that a signal stopped run ``run_id`` and how to resume it; the exit code
+    a process killed by ``signum`` has (128 + signum: 143 for SIGTERM, 130 for SIGINT)."""
+    import signal
+
+    name = signal.Signals(signum).name
+    if store.run(run_id).config.exists():
+        print(f"interrupted by {name}: run {run_id} stopped; resume it with: sieve {command} "
+              f"--store {store} --resume {run_id}", file=sys.stderr, flush=True)
+    else:
+        print(f"interrupted by {name} before run {run_id} wrote anything", file=sys.stderr,
+              flush=True)
+    return 128 + signum
 
 
 def _multistage_flow(config, flow_name: str) -> str:

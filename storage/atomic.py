@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -13,7 +14,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.location import StorePath, input_file, is_remote, store_path, streamed_file
+from storage.errors import BadInput
+from storage.location import (
+    StorePath,
+    input_file,
+    is_remote,
+    location,
+    store_path,
+    streamed_file,
+)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -37,6 +46,8 @@ def atomic_path(path: StorePath) -> Iterator[Path]:
     ``part-*.parquet`` never match it. When ``path`` is a URL the temporary file (named like
     ``path``) is in a local temporary folder and is uploaded in one PUT, which an object store
     makes visible only once complete (a temporary object and a move would be a copy there).
+    A full disk (ENOSPC, also as pyarrow reports it) is BadInput ``no space left on the store
+    at <folder>``, with the temporary file removed.
     """
     path = store_path(path)
     if is_remote(path):
@@ -52,10 +63,19 @@ def atomic_path(path: StorePath) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if no_space(exc):
+            raise BadInput(f"no space left on the store at {location(path.parent)}") from None
         raise
     _fsync_dir(path.parent)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: an OSError with errno ENOSPC, or pyarrow's error
+    for one (an OSError without errno whose message is strerror(ENOSPC))."""
+    return isinstance(exc, OSError) and (
+        exc.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(exc))
 
 
 def write_parquet_atomic(table: pa.Table, path: StorePath, **write_kwargs: object) -> None:

@@ -51,7 +51,7 @@ def store_path(value: str | os.PathLike) -> StorePath:
     try:
         return UPath(text, use_listings_cache=False)
     except (ValueError, ImportError) as e:
-        raise BadInput(f"cannot open store URL {text}: {_first_line(e)}") from None
+        raise BadInput(f"cannot open store URL {text}: {first_line(e)}") from None
 
 
 def is_remote(path: StorePath) -> bool:
@@ -133,6 +133,30 @@ def lock_file(path: StorePath) -> Path:
     return _cache_dir() / "locks" / f"{hashlib.sha256(str(path).encode()).hexdigest()}.lock"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+_CONNECTION_ERRORS = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
+    "ReadTimeoutError", "ClientConnectionError", "ServerDisconnectedError",
+})
+"""botocore's and aiohttp's errors for an endpoint that does not answer (by class name: the
+store's filesystem package is optional)."""
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """The reason (one line) when ``exc``, or an error it was raised from, says a URL store did
+    not answer: a connection refused, reset or timed out, after the filesystem's retries;
+    None otherwise."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if isinstance(current, ConnectionError | TimeoutError) or names & _CONNECTION_ERRORS:
+            return first_line(current)
+        current = current.__cause__ or current.__context__
+    return None

@@ -43,6 +43,11 @@ class RunPaths:
         return self.dir / "config.yaml"
 
     @property
+    def status(self) -> StorePath:
+        """One word: running, complete, failed or interrupted (``RUN_STATUSES``)."""
+        return self.dir / "status"
+
+    @property
     def samples(self) -> StorePath:
         return self.dir / "samples.parquet"
 

@@ -74,8 +74,9 @@ def start_tracking(
     return Tracking(uri, experiment_id, parent.info.run_id)
 
 
-def finish_tracking(tracking: Tracking, ok: bool) -> None:
-    tracking.client().set_terminated(tracking.parent_run_id, "FINISHED" if ok else "FAILED")
+def finish_tracking(tracking: Tracking, status: str) -> None:
+    """End the parent run with MLflow ``status`` (FINISHED, FAILED, KILLED)."""
+    tracking.client().set_terminated(tracking.parent_run_id, status)
 
 
 class StageRun:
@@ -99,11 +100,13 @@ class StageRun:
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def end(self, ok: bool = True) -> None:
+    def end(self, status: str = "FINISHED") -> None:
+        """Log the batched metrics and end the run with MLflow ``status`` (FINISHED, FAILED,
+        KILLED)."""
         for i in range(0, len(self._metrics), _BATCH):
             self.client.log_batch(self.run_id, metrics=self._metrics[i : i + _BATCH])
         self._metrics.clear()
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        self.client.set_terminated(self.run_id, status)
 
 
 def log_store_file(

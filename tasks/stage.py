@@ -11,6 +11,7 @@ from typing import Any
 from storage.metrics import record_metrics
 from storage.store import RunPaths
 from storage.tracking import StageRun, Tracking
+from tasks.interrupts import interruption
 
 
 class StageRecord:
@@ -45,15 +46,15 @@ class StageRecord:
 
 @contextmanager
 def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]:
-    """Open the MLflow child run ``name``; on success record ``seconds`` and write the metrics."""
+    """Open the MLflow child run ``name``; on success record ``seconds``, write the metrics and
+    end it FINISHED; an interruption ends it KILLED, an error FAILED."""
     record = StageRecord(name, tracking.start_stage(name))
     started = time.perf_counter()
-    ok = False
     try:
         yield record
-        ok = True
-    finally:
-        if ok:
-            record.metric("seconds", time.perf_counter() - started)
-            record_metrics(run.metrics, name, record.rows)
-        record.mlflow.end(ok)
+        record.metric("seconds", time.perf_counter() - started)
+        record_metrics(run.metrics, name, record.rows)
+    except BaseException as exc:
+        record.mlflow.end("KILLED" if interruption(exc) is not None else "FAILED")
+        raise
+    record.mlflow.end("FINISHED")
