@@ -154,7 +154,8 @@ def print_multistage(summary: MultistageSummary, config: Config, seconds: float)
 
 def print_runs(store: Store) -> None:
     table = Table(title=f"runs in {store.root}")
-    for column in ("run id", "data", "model", "estimators", "stages done", "best detection AUC"):
+    for column in ("run id", "status", "data", "model", "estimators", "stages done",
+                   "best detection AUC"):
         table.add_column(column)
     for run in store.list_runs():
         config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
@@ -166,6 +167,7 @@ def print_runs(store: Store) -> None:
         aucs = [m["value"] for m in metrics if m["name"] == "detection_auc"]
         table.add_row(
             run.run_id,
+            run.status.read_text().strip() if run.status.exists() else "–",
             str(config.get("data", {}).get("path") or config.get("data", {}).get("name", "?")),
             str(config.get("model", {}).get("factory") or config.get("model", {}).get("name")),
             str(len(config.get("estimators", []))),

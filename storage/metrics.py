@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -12,8 +10,7 @@ import pyarrow.compute as pc
 
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
-from storage.location import StorePath, lock_file, store_path
-from storage.locks import file_lock
+from storage.location import StorePath, store_path
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -27,14 +24,9 @@ METRICS_SCHEMA = pa.schema(
 )
 _ROW_KEYS = {"name", "value", "estimator", "seed", "step"}
 _LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _locked(path: StorePath) -> Iterator[None]:
-    """Serialize writers: threads via a module lock, processes via flock on a sidecar file
-    (a local one for a URL: processes on one machine are serialized, other machines not)."""
-    with _LOCK, file_lock(lock_file(path)):
-        yield
+"""Serializes this process's writers (threads). Other processes never write a run's metrics
+meanwhile: a run is written by the one process holding its lease (``storage.leases``), so no
+lock file is left in the run folder."""
 
 
 def _optional_int(row: dict[str, Any], key: str) -> int | None:
@@ -82,7 +74,7 @@ def record_metrics(path: StorePath, stage: str, rows: list[dict[str, Any]]) -> N
     """
     path = store_path(path)
     new = pa.table(_validate(stage, rows), schema=METRICS_SCHEMA)
-    with _locked(path):
+    with _LOCK:
         old = read_metrics(path)
         keep = old.filter(pc.not_equal(old["stage"], stage)) if old.num_rows else old
         write_parquet_atomic(pa.concat_tables([keep, new]), path)

@@ -68,15 +68,30 @@ def start_tracking(
         else:
             experiment_id = found.experiment_id
     if resume_parent:
+        _close_stages(client, experiment_id, resume_parent, "KILLED")  # left by a SIGKILL
         client.update_run(resume_parent, status="RUNNING")
         return Tracking(uri, experiment_id, resume_parent)
     parent = client.create_run(experiment_id, run_name=run_id, tags={"sieve.run_id": run_id})
     return Tracking(uri, experiment_id, parent.info.run_id)
 
 
+def _close_stages(client: MlflowClient, experiment_id: str, parent: str, status: str) -> None:
+    """End with ``status`` the stage runs of ``parent`` still RUNNING: left by a process killed
+    with SIGKILL, or by an interruption that landed while a stage run was being opened."""
+    running = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = "
+        "'RUNNING'")
+    for run in running:
+        client.set_terminated(run.info.run_id, status)
+
+
 def finish_tracking(tracking: Tracking, status: str) -> None:
-    """End the parent run with MLflow ``status`` (FINISHED, FAILED, KILLED)."""
-    tracking.client().set_terminated(tracking.parent_run_id, status)
+    """End the parent run with MLflow ``status`` (FINISHED, FAILED, KILLED); on FAILED or
+    KILLED, the stage runs still open end so too."""
+    client = tracking.client()
+    if status != "FINISHED":
+        _close_stages(client, tracking.experiment_id, tracking.parent_run_id, status)
+    client.set_terminated(tracking.parent_run_id, status)
 
 
 class StageRun:

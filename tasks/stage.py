@@ -46,15 +46,16 @@ class StageRecord:
 
 @contextmanager
 def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]:
-    """Open the MLflow child run ``name``; on success record ``seconds``, write the metrics and
-    end it FINISHED; an interruption ends it KILLED, an error FAILED."""
+    """Open the MLflow child run ``name``; on success record ``seconds``, end it FINISHED, then
+    write the metrics (last: a stage is done once its rows are in metrics.parquet, and its
+    MLflow run is then already closed). An interruption ends it KILLED, an error FAILED."""
     record = StageRecord(name, tracking.start_stage(name))
     started = time.perf_counter()
     try:
         yield record
         record.metric("seconds", time.perf_counter() - started)
-        record_metrics(run.metrics, name, record.rows)
     except BaseException as exc:
         record.mlflow.end("KILLED" if interruption(exc) is not None else "FAILED")
         raise
     record.mlflow.end("FINISHED")
+    record_metrics(run.metrics, name, record.rows)
