@@ -151,10 +151,10 @@ class _Lease:
         """Stop renewing and, with ``delete``, delete the lease if it is still ours (best
         effort: a lease left behind expires, or this machine takes it over on resume)."""
         self.stop.set()
+        if not delete:  # the renewer (a daemon) may be stuck on the failed store: don't wait
+            return
         if self.renewer is not None:
             self.renewer.join()
-        if not delete:
-            return
         try:
             held, _ = self._read()
             if held.get("token") == self.token:

@@ -48,10 +48,20 @@ def store_path(value: str | os.PathLike) -> StorePath:
     text = os.fspath(value)
     if not is_url(text):
         return Path(text.split("://", 1)[1] if "://" in text else text)
+    options = S3_OPTIONS if text.split("://", 1)[0].lower() in ("s3", "s3a") else {}
     try:
-        return UPath(text, use_listings_cache=False)
+        return UPath(text, use_listings_cache=False, **options)
     except (ValueError, ImportError) as e:
         raise BadInput(f"cannot open store URL {text}: {first_line(e)}") from None
+
+
+S3_RETRIES = {"mode": "standard", "max_attempts": 5}
+"""botocore's retries for an S3 store: a request that fails with a connection error, a
+timeout, a 5xx or throttling is sent up to 5 times in all, after exponential backoff with
+jitter (a random wait in [0, 2^i) s before retry i, at most 20 s: 15 s at most in all)."""
+S3_OPTIONS = {"config_kwargs": {"retries": S3_RETRIES, "connect_timeout": 5,
+                                "read_timeout": 60}}
+"""Options of every S3 store's filesystem: the retries above, 5 s to connect, 60 s to read."""
 
 
 def is_remote(path: StorePath) -> bool:

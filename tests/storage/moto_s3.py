@@ -10,6 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 
+RUNNING: list = []
+"""The moto servers ``s3_server`` is running (tests that stop and restart one find it here)."""
+
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -25,6 +28,7 @@ def s3_server(*buckets: str) -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    RUNNING.append(server)
     try:
         with pytest.MonkeyPatch.context() as env:
             for key, value in {**ENV, "AWS_ENDPOINT_URL": endpoint}.items():
@@ -34,6 +38,7 @@ def s3_server(*buckets: str) -> Iterator[str]:
             yield endpoint
             _forget_filesystems()
     finally:
+        RUNNING.remove(server)
         server.stop()
 
 
