@@ -109,6 +109,7 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
 
     configure(store.local_dir)  # before anything imports Prefect: it reads its settings then
     from storage.checkpoints import read_checkpoint_index, verify_checkpoints
+    from storage.leases import check_free
     from tasks.config import load_config, load_resolved_config
     from tasks.train import preflight
 
@@ -116,6 +117,7 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
         if args.config or args.set:
             raise BadInput("--resume continues a run with its own config; drop -c/--set")
         run = store.existing_run(args.resume)
+        check_free(run)  # another process (here or on another machine) writes it now
         if not run.config.exists():
             raise BadInput(f"run {args.resume} has no config.yaml to resume from")
         config = load_resolved_config(run.config)

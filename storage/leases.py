@@ -57,6 +57,16 @@ def run_lease(run, ttl: float = LEASE_TTL_S) -> Iterator[None]:
         lease.release()
 
 
+def check_free(run) -> None:
+    """BadInput (as ``run_lease`` raises it) when another live process holds run ``run``'s lock
+    or lease now: for refusing a ``--resume`` before any work. ``run_lease`` decides."""
+    with _machine_lock(run):
+        if is_remote(run.dir) and lease_path(run.dir).exists():
+            lease = _Lease(lease_path(run.dir), run.run_id, LEASE_TTL_S)
+            held, _ = lease._read()
+            lease.refuse_live(held)
+
+
 @contextmanager
 def _machine_lock(run) -> Iterator[None]:
     if os.name != "posix":
@@ -105,13 +115,7 @@ class _Lease:
             self.etag = self._put(mode="create")
         except FileExistsError:
             held, etag = self._read()
-            if not self._stale(held):
-                until = datetime.fromtimestamp(held["expires"], UTC).strftime("%H:%M:%S UTC")
-                raise BadInput(
-                    f"run {self.run_id} is being written by pid {held['pid']} on "
-                    f"{held['host']} (lease {self.path} held until {until}, renewed while it "
-                    "runs); one machine at a time may run or resume a run: wait for it to end"
-                ) from None
+            self.refuse_live(held)
             try:
                 self.etag = self._put(IfMatch=etag)  # only if nobody took it over meanwhile
             except OSError:
@@ -119,6 +123,16 @@ class _Lease:
                                f"{self.path} just now") from None
         self.renewer = threading.Thread(target=self._renew, name="sieve-lease", daemon=True)
         self.renewer.start()
+
+    def refuse_live(self, held: dict) -> None:
+        """BadInput naming the holder unless lease ``held`` is stale (see ``_stale``)."""
+        if self._stale(held):
+            return
+        until = datetime.fromtimestamp(held["expires"], UTC).strftime("%H:%M:%S UTC")
+        raise BadInput(
+            f"run {self.run_id} is being written by pid {held['pid']} on {held['host']} "
+            f"(lease {self.path} held until {until}, renewed while it runs); one machine at "
+            "a time may run or resume a run: wait for it to end")
 
     def _stale(self, held: dict) -> bool:
         if held.get("expires", 0) < time.time():

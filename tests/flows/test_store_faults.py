@@ -84,6 +84,17 @@ def test_a_short_outage_is_retried(tmp_path):
         restarted[0]._server.server_close()
 
 
+def _prefect_api() -> str:
+    """This process's Prefect API, for the runs this test starts (no server start of theirs)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.environment import start_local_api
+
+    start_local_api()
+    return PREFECT_API_URL.value() or SubprocessASGIServer().api_url
+
+
 def _reference(tmp_path: Path) -> dict[str, np.ndarray]:
     store = Store(tmp_path / "local")
     assert main(["run", "--store", str(store.root), *sets(*RUN)]) == 0
@@ -112,7 +123,8 @@ def test_store_lost_mid_gradients_fails_in_bounded_time_and_resumes(tmp_path, mo
     expected = _reference(tmp_path)
     with s3_server(BUCKET):
         store = Store(URL)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), SIEVE_CACHE_DIR=str(tmp_path / "cache-a"))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), SIEVE_CACHE_DIR=str(tmp_path / "cache-a"),
+                   PREFECT_API_URL=_prefect_api())
         with open(tmp_path / "stderr", "w") as err:
             writer = subprocess.Popen([*SIEVE, "run", "--store", URL, *sets(*RUN)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=err)
@@ -145,7 +157,7 @@ def test_store_lost_mid_gradients_fails_in_bounded_time_and_resumes(tmp_path, mo
         lines = (tmp_path / "stderr").read_text().splitlines()
         errors = [x for x in lines if x.startswith("error: ")]
         assert code == 2, lines[-20:]
-        assert errors == [lines[-1]] and f"store {URL} is not reachable" in errors[0], errors
+        assert len(errors) == 1 and f"store {URL} is not reachable" in errors[0], errors
         assert failed_after < FAIL_LIMIT_S
         print(f"store stopped during the gradient stage: exit {code} {failed_after:.1f} s later: "
               f"{errors[0]}")
