@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,7 +56,8 @@ def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]
         yield record
         record.metric("seconds", time.perf_counter() - started)
     except BaseException as exc:
-        record.mlflow.end("KILLED" if interruption(exc) is not None else "FAILED")
+        with contextlib.suppress(Exception):  # e.g. a full disk: report the stage's own error
+            record.mlflow.end("KILLED" if interruption(exc) is not None else "FAILED")
         raise
     record.mlflow.end("FINISHED")
     record_metrics(run.metrics, name, record.rows)
