@@ -62,12 +62,20 @@ def worker_environment() -> dict[str, str]:
     return {"PREFECT_API_URL": url, "OMP_NUM_THREADS": "1"}
 
 
+ALLOWED_FAILURES = 3
+"""A Dask task whose worker died is rescheduled on another worker; after this many such deaths
+Dask gives up on it (``KilledWorker``). Set for a ``LocalCluster`` (its scheduler runs in this
+process); a remote scheduler uses its own ``distributed.scheduler.allowed-failures``."""
+
+
 def dask_runner(config: Config) -> TaskRunner:
+    import dask
     from prefect_dask import DaskTaskRunner
 
     if config.dask.address:
         return DaskTaskRunner(address=config.dask.address)
     workers = gpu_count() or config.dask.workers
+    dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES})
     kwargs: dict[str, Any] = {
         "n_workers": workers, "threads_per_worker": 1, "processes": True,
         "dashboard_address": None, "env": worker_environment(),

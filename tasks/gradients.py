@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from estimators.per_sample import parameter_count, parameter_order, per_sample_gradients
 from estimators.projection import Projector
 from estimators.registry import make_estimator
+from storage.atomic import remove_stale_temporaries
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.errors import BadInput
 from storage.gradient_shards import (
@@ -226,6 +227,8 @@ def gradients_stage(
             skipped = sum(not r.computed for r in results)
             samples.advance(results[-1].samples,
                             note=f"{i}/{len(jobs)} shards, {skipped} already complete")
+        for path in remove_stale_temporaries(run.gradients_root):  # of a worker that died
+            log.info("gradients: removed %s, left by a worker that was killed", path.name)
         computed = [r for r in results if r.computed]
         rec.metric("shards_computed", len(computed))
         workers = Counter(r.worker for r in computed)
