@@ -91,7 +91,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, example: str,
 def _add_flow_flags(parser: argparse.ArgumentParser, example: str, what: str) -> None:
     """-c/--set, --resume and the output flags of a command that runs a flow."""
     _add_config_flags(parser, example)
-    parser.add_argument("--resume", metavar="RUN_ID", help=f"continue an interrupted {what}")
+    parser.add_argument("--resume", metavar="RUN_ID",
+                        help=f"continue an interrupted {what}; one process at a time, on any "
+                             "machine, may write a run (a second one is refused while the "
+                             "first holds its lease)")
     _add_output_flags(parser)
 
 
