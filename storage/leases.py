@@ -59,12 +59,26 @@ def run_lease(run, ttl: float = LEASE_TTL_S) -> Iterator[None]:
 
 def check_free(run) -> None:
     """BadInput (as ``run_lease`` raises it) when another live process holds run ``run``'s lock
-    or lease now: for refusing a ``--resume`` before any work. ``run_lease`` decides."""
-    with _machine_lock(run):
-        if is_remote(run.dir) and lease_path(run.dir).exists():
-            lease = _Lease(lease_path(run.dir), run.run_id, LEASE_TTL_S)
-            held, _ = lease._read()
-            lease.refuse_live(held)
+    or lease now: for refusing a ``--resume`` before any work. Writes nothing; ``run_lease``
+    decides."""
+    path = lock_file(run.dir)
+    if os.name == "posix" and path.exists():  # a holder creates it
+        import fcntl
+
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BadInput(_held_here(run, f.read())) from None
+            fcntl.flock(f, fcntl.LOCK_UN)
+    if is_remote(run.dir) and lease_path(run.dir).exists():
+        lease = _Lease(lease_path(run.dir), run.run_id, LEASE_TTL_S)
+        lease.refuse_live(lease._read()[0])
+
+
+def _held_here(run, holder: str) -> str:
+    return (f"run {run.run_id} is being written by {holder.strip() or 'another process'} on "
+            "this machine; wait for it to end")
 
 
 @contextmanager
@@ -81,9 +95,7 @@ def _machine_lock(run) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise BadInput(f"run {run.run_id} is being written by {holder} on this machine; "
-                           "wait for it to end") from None
+            raise BadInput(_held_here(run, f.read())) from None
         try:
             f.seek(0)
             f.truncate()
