@@ -205,8 +205,10 @@ class TRAK(Estimator):
         k_eff = min(self.k, max(1, n // 2))
         if d <= k_eff:
             return None
+        precision = "float64" if next(model.parameters()).dtype == torch.float64 else "float32"
         return Projector.for_model(
-            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows
+            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows,
+            precision=precision,
         )
 
     def _features(
