@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-ekfac", action="store_true")
     parser.add_argument("--json", type=Path, metavar="PATH")
     args = parser.parse_args(argv)
-    full = {"train": 50_000, "queries": 2_000, "stage_rows": 4_096, "batch": 512, "width": 64,
-            "k_in": 64, "k_out": 64, "dense_k": 1024, "resident_gib": 24,
+    full = {"train": 50_000, "queries": 2_000, "stage_rows": 2_048, "batch": 512, "width": 64,
+            "k_in": 64, "k_out": 64, "dense_k": 1024, "resident_gib": 32,
             "target_memory_mb": 16_384}
     small = {"train": 48, "queries": 4, "stage_rows": 32, "batch": 16, "width": 4,
              "k_in": 8, "k_out": 8, "dense_k": 64, "resident_gib": 1, "target_memory_mb": 1}

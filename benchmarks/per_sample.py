@@ -248,6 +248,11 @@ def run_section(quick: bool, repeats: int = 3) -> dict:
             methods = (own_methods()[:2] + peers.methods() + own_methods()[2:]
                        + peers.projected_methods())
             model_rows = run_model(setup, methods, repeats) + peers.skipped_rows(setup.model)
+            k_in, k_out = factorized_sizes(k)
+            width = FactorizedProjector.for_model(setup.loaded(), k_in, k_out, seed=0).k
+            for row in model_rows:
+                if row.method == SIEVE_FACTORIZED:
+                    row.note = f"factorized (LoGra), {k_in} x {k_out} per layer, total k={width}"
             _ratios(model_rows)
             rows += model_rows
         info = {
