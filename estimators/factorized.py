@@ -183,8 +183,12 @@ class FactorizedProjector:
             cached = self._matrices.setdefault(key, (p_in, p_out))
         return cached
 
-    def project(self, grads: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Flat gradients (m, d) in the model's parameter order -> (m, k) as ``dtype``."""
+    def project(self, grads: torch.Tensor, dtype: torch.dtype = torch.float32,
+                first_row: int = 0) -> torch.Tensor:
+        """Flat gradients (m, d) in the model's parameter order -> (m, k) as ``dtype``.
+
+        Each row is its own (batched) product, so ``first_row`` (accepted for the dense
+        projector's signature) changes nothing."""
         if grads.ndim != 2 or grads.shape[1] != self.dim:
             raise ValueError(
                 f"expected gradients of shape (m, d={self.dim}), got {tuple(grads.shape)}")

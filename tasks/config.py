@@ -142,10 +142,18 @@ class GradientsConfig(Section):
         "float32", description="stored precision; readers return float32 (16-bit: half the bytes)"
     )
 
-    @field_validator("projection")
+    @field_validator("projection", mode="before")
     @classmethod
-    def _positive_k(cls, v: int | ProjectionSpec | None) -> int | ProjectionSpec | None:
-        if isinstance(v, int) and v < 1:
+    def _one_form(cls, v: Any) -> Any:
+        """A mapping is a ``ProjectionSpec`` (its own error, not the int branch's)."""
+        if isinstance(v, dict):
+            try:
+                return ProjectionSpec.model_validate(v)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
             raise ValueError("projection k must be >= 1")
         return v
 
