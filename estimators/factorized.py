@@ -42,18 +42,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.projection import KINDS, ProjectionKind, draw_rows, stream_key
+from workloads.inputs import Inputs, call_model, take
 
-RowCost = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RowsCost = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model output (m, C), labels (m,)) -> per-row cost (m,); the features are its gradient's."""
-ModelCall = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+ModelCall = Callable[[nn.Module, Inputs], torch.Tensor]
 
 
 def cross_entropy_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def plain_call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
+def rows_of_cost(cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> RowsCost:
+    """A per-row cost of batches from a one-row cost (``estimators.per_sample.RowCost``: logits
+    (1, C), label (1,) -> scalar), vmapped; None: the cross-entropy."""
+    if cost is None:
+        return cross_entropy_rows
+
+    def rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.vmap(lambda row, label: cost(row[None], label[None]))(logits, y)
+
+    return rows
 
 
 @dataclass(frozen=True)
@@ -205,8 +214,8 @@ class FactorizedProjector:
             pieces.append(x.reshape(m, -1))
         return torch.cat(pieces, dim=1).to(dtype)
 
-    def features(self, model: nn.Module, x: Any, y: torch.Tensor, *,
-                 cost: RowCost = cross_entropy_rows, call: ModelCall = plain_call,
+    def features(self, model: nn.Module, x: Inputs, y: torch.Tensor, *,
+                 cost: RowsCost = cross_entropy_rows, call: ModelCall = call_model,
                  dtype: torch.dtype = torch.float32, first_row: int = 0) -> torch.Tensor:
         """Projected per-sample gradients of ``cost(call(model, x_i), y_i)``: (m, k) as ``dtype``,
         on the model's device.
@@ -215,8 +224,8 @@ class FactorizedProjector:
         row index (``first_row`` is the index of row 0, e.g. a shard's start): row i always sits
         at position ``(first_row + i) % block_rows`` of a block of the same shape, so its
         arithmetic (the GEMM kernels pick paths by shape and position) is the same however the
-        rows are sharded. ``x`` is a tensor, or anything ``call`` accepts that slices along rows
-        with ``[a:b]`` (not padded: then only shape-stable for full blocks).
+        rows are sharded. ``x`` is a tensor or a mapping of input columns
+        (``workloads.inputs``; a mapping is not padded, so only full blocks keep their shape).
         """
         m, block = y.shape[0], self.block_rows
         device = next(model.parameters()).device
@@ -226,11 +235,12 @@ class FactorizedProjector:
         for base in range(first, first_row + m, block):
             lo, hi = max(base, first_row) - first_row, min(base + block, first_row + m) - first_row
             at = lo + first_row - base
-            xb, yb = _placed(x[lo:hi], at, block), _placed(y[lo:hi], at, block)
+            xb = _placed(take(x, slice(lo, hi)), at, block)
+            yb = _placed(y[lo:hi], at, block)
             out[lo:hi] = self._block(model, xb, yb, cost, call, work)[at : at + hi - lo]
         return out
 
-    def _block(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cost: RowCost,
+    def _block(self, model: nn.Module, x: Inputs, y: torch.Tensor, cost: RowsCost,
                call: ModelCall, work: torch.dtype) -> torch.Tensor:
         named = dict(model.named_modules())
         seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
