@@ -225,7 +225,8 @@ class FactorizedProjector:
         at position ``(first_row + i) % block_rows`` of a block of the same shape, so its
         arithmetic (the GEMM kernels pick paths by shape and position) is the same however the
         rows are sharded. ``x`` is a tensor or a mapping of input columns
-        (``workloads.inputs``; a mapping is not padded, so only full blocks keep their shape).
+        (``workloads.inputs``; token columns are cut per block by ``take``, so for text the
+        block's width varies and bits may differ across layouts).
         """
         m, block = y.shape[0], self.block_rows
         device = next(model.parameters()).device
@@ -299,9 +300,12 @@ class FactorizedProjector:
         return keep
 
 
-def _placed(part: Any, at: int, rows: int) -> Any:
-    """``part`` at rows [at, at + len) of ``rows`` zero rows (tensors; others as they are)."""
-    if not isinstance(part, torch.Tensor) or part.shape[0] == rows:
+def _placed(part: Inputs, at: int, rows: int) -> Inputs:
+    """``part`` at rows [at, at + len) of ``rows`` zero rows (a tensor, or each column of a
+    mapping; padded rows are computed and dropped, never mixed with real ones)."""
+    if not isinstance(part, torch.Tensor):
+        return {name: _placed(col, at, rows) for name, col in part.items()}
+    if part.shape[0] == rows:
         return part
     block = part.new_zeros((rows, *part.shape[1:]))
     block[at : at + part.shape[0]] = part

@@ -152,3 +152,32 @@ def test_refuses_uncovered_parameters_and_unknown_modules() -> None:
     model[0].requires_grad_(True)
     selected = FactorizedProjector.for_model(model, 2, 2, seed=0, modules=["0"])
     assert [lay.name for lay in selected.layers] == ["0"]
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.left(left) + self.right(right)))
+
+
+def test_multi_input_model_with_a_module_selection() -> None:
+    """Inputs as a mapping of columns (``workloads.inputs.call_model``) and a selection of
+    modules (the others frozen, as ``model.modules`` does): the hooks' features equal the
+    factorized projection of the per-sample gradients of the selected parameters."""
+    torch.manual_seed(0)
+    model = _TwoInputs().to(torch.float64).eval()
+    model.right.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    x = {"left": torch.randn(9, 3, dtype=torch.float64, generator=gen),
+         "right": torch.randn(9, 2, dtype=torch.float64, generator=gen)}
+    y = torch.randint(0, 3, (9,), generator=gen)
+    projector = FactorizedProjector.for_model(model, 3, 2, seed=4, block_rows=4)
+    assert [lay.name for lay in projector.layers] == ["left", "head"]
+    grads = per_sample_gradients(model, x, y)
+    assert grads.shape[1] == parameter_count(model) == 4 * 4 + 3 * 5
+    torch.testing.assert_close(projector.features(model, x, y, dtype=torch.float64),
+                               projector.project(grads, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-12)
