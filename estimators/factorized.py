@@ -322,4 +322,5 @@ def make_projector(model: nn.Module, spec: Any, seed: int,
         return FactorizedProjector.for_model(model, spec.k_in, spec.k_out, seed,
                                              kind=spec.entries, model_id=model_id,
                                              modules=getattr(spec, "modules", None))
-    return Projector.for_model(model, spec.k, seed, kind=spec.kind, model_id=model_id)
+    return Projector.for_model(model, spec.k, seed, kind=spec.kind, model_id=model_id,
+                               precision=getattr(spec, "precision", "float32"))

@@ -147,6 +147,8 @@ class ProjectionSpec(Section):
     k_in: int | None = Field(None, ge=1)
     k_out: int | None = Field(None, ge=1)
     entries: Literal["rademacher", "gaussian"] = "rademacher"
+    precision: Literal["float32", "tf32", "bfloat16"] = Field(
+        "float32", description="dense kinds: the product's operands (tf32 on CUDA only)")
 
     @model_validator(mode="after")
     def _sizes_of_the_kind(self) -> ProjectionSpec:

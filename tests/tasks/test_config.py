@@ -235,8 +235,10 @@ def test_projection_forms() -> None:
     legacy = load_config(None, [*base, "gradients.projection=64",
                                 "gradients.projection_kind=gaussian"]).gradients
     assert (legacy.projection_spec.kind, legacy.projection_spec.k) == ("gaussian", 64)
-    dense = load_config(None, [*base, "gradients.projection={kind: rademacher, k: 32}"])
+    dense = load_config(None, [*base, "gradients.projection={kind: rademacher, k: 32, "
+                                      "precision: bfloat16}"])
     assert dense.gradients.projection_spec.label == "rademacher"
+    assert dense.gradients.projection_spec.precision == "bfloat16"
     factorized = load_config(None, [*base, "gradients.projection={kind: factorized, k_in: 8, "
                                            "k_out: 4}"]).gradients.projection_spec
     assert (factorized.kind, factorized.k_in, factorized.k_out, factorized.k) == (
