@@ -181,6 +181,12 @@ def measure_model(name: str, model: nn.Module, args: argparse.Namespace,
     for row in rows:
         if row["samples"] == sub and row["samples_per_s"]:
             row["share_of_floor"] = row["samples_per_s"] / floor_rate
+    summary = ", ".join(f"{r['stage'].split(' (')[0]}: {r['share_of_floor']:.0%}"
+                        for r in rows[1:] if "share_of_floor" in r)
+    pairwise = ", ".join(f"{r['stage'].split(': ')[-1]}: {r['seconds']:.1f} s"
+                         for r in rows if r["stage"].startswith("pairwise"))
+    print(f"  {name}: share of the floor -- {summary}\n  {name}: end to end -- {pairwise}; "
+          f"peak {max(r['peak_gib'] for r in rows):.2f} GiB", flush=True)
     return out
 
 
