@@ -82,6 +82,8 @@ def test_margin_measurement_is_minus_the_trak_margin() -> None:
     (["task.measurement=margin", "targets.utility=robustness"],
      "task.measurement replaces the per-sample loss"),
     (["task.loss=no colon"], "task.loss: String should match pattern"),
+    (["task.loss=m:f", "estimators=[ip]", "prune.by=ip", "train.models=2"],
+     "task.loss needs train.models 1"),
 ])
 def test_hook_config_is_checked(sets, needle) -> None:
     with pytest.raises(BadInput, match=re.escape(needle)):
