@@ -88,3 +88,20 @@ def test_margin_measurement_is_minus_the_trak_margin() -> None:
 def test_hook_config_is_checked(sets, needle) -> None:
     with pytest.raises(BadInput, match=re.escape(needle)):
         load_config(None, sets)
+
+
+def test_vmap_route_differentiates_only_the_attributed_parameters() -> None:
+    torch.manual_seed(3)
+    full = _net().eval()
+    state = full.state_dict()
+
+    def factory() -> nn.Module:
+        model = _net()
+        model.load_state_dict(state)
+        return model
+
+    chosen = attributed_factory(factory, ["0"])().eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    ce = torch.nn.functional.cross_entropy  # a cost: the torch.func route
+    selected = per_sample_gradients(chosen, x, y, cost=ce)
+    torch.testing.assert_close(selected, per_sample_gradients(full, x, y, cost=ce)[:, :25])
