@@ -130,6 +130,20 @@ def test_several_columns_call_the_model_by_keyword_and_train() -> None:
     assert F.cross_entropy(call_model(model, batch), y).item() < before
     assert model_inputs({"only": y}) is y  # one column: the tensor itself
 
+    class Output:  # like Hugging Face's ModelOutput
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens, dense):
+            return Output(self.inner(tokens=tokens, dense=dense))
+
+    torch.testing.assert_close(call_model(Wrapped(), batch), call_model(model, batch))
+
 
 def test_per_sample_gradients_of_several_columns_match_a_loop() -> None:
     torch.manual_seed(1)
