@@ -98,6 +98,8 @@ def test_a_recorded_shape_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [[1.0] * 6, [2.0] * 6], "label": [0, 1]}), tmp_path / "x.pq")
     with pytest.raises(BadInput, match=r"can't be read as shape \(1, 2, 2\)"):
         _load(tmp_path / "x.pq", shapes={"x": (1, 2, 2)})
+    with pytest.raises(BadInput, match=r"data.shapes names \['y'\], not list columns"):
+        _load(tmp_path / "x.pq", shapes={"y": (6,)})
 
 
 class TwoInputs(nn.Module):
