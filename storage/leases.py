@@ -36,6 +36,7 @@ _log = logging.getLogger(__name__)
 
 
 def lease_path(run_dir: StorePath) -> StorePath:
+    """The lease object of the run in ``run_dir`` (a hidden name: globs never match it)."""
     return run_dir / ".lease"
 
 
@@ -73,7 +74,7 @@ def check_free(run) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
     if is_remote(run.dir) and lease_path(run.dir).exists():
         lease = _Lease(lease_path(run.dir), run.run_id, LEASE_TTL_S)
-        lease.refuse_live(lease._read()[0])
+        lease.refuse_live(lease.read()[0])
 
 
 def _held_here(run, holder: str) -> str:
@@ -126,7 +127,7 @@ class _Lease:
         try:
             self.etag = self._put(mode="create")
         except FileExistsError:
-            held, etag = self._read()
+            held, etag = self.read()
             self.refuse_live(held)
             try:
                 self.etag = self._put(IfMatch=etag)  # only if nobody took it over meanwhile
@@ -153,7 +154,8 @@ class _Lease:
         return (held.get("host") == socket.gethostname() and isinstance(pid, int)
                 and not process_alive(pid))
 
-    def _read(self) -> tuple[dict, str]:
+    def read(self) -> tuple[dict, str]:
+        """The lease as it is stored ({} when unreadable) and its ETag."""
         info = self.fs.info(self.key)
         try:
             held = json.loads(self.fs.cat_file(self.key))
@@ -182,7 +184,7 @@ class _Lease:
         if self.renewer is not None:
             self.renewer.join()
         try:
-            held, _ = self._read()
+            held, _ = self.read()
             if held.get("token") == self.token:
                 self.fs.rm_file(self.key)
         except Exception as exc:
