@@ -126,14 +126,15 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     config, run_id = _config_and_run_id(args, store)
     if config.multistage is not None:
         flow_name = _multistage_flow(config, flow_name)
-    from flows import report
     from flows.environment import start_local_api
     from flows.evaluate import evaluate
-    from flows.json_summary import summary_json
     from flows.multistage import multistage
     from flows.pipeline import pipeline
     from flows.runner import with_runner
-    from flows.terminal import flow_output
+    from presentation import report
+    from presentation.json_summary import summary_json
+    from presentation.terminal import flow_output
+    from tasks.progress import live_bars
 
     flow, show = {"pipeline": (pipeline, report.print_run_summary),
                   "evaluate": (evaluate, report.print_evaluation),
@@ -142,7 +143,7 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     if args.quiet and not args.json:
         print(run_id, flush=True)
     started = time.perf_counter()
-    with flow_output(quiet=args.quiet or args.json):
+    with flow_output(quiet=args.quiet or args.json, bars=live_bars):
         start_local_api()  # a store's concurrent runs must not create Prefect's database at once
         summary = flow(config=config, store=str(store.root), run_id=run_id,
                        resume=args.resume is not None)
@@ -184,7 +185,7 @@ def cmd_query(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, store: Store) -> int:
-    from flows.report import print_runs
+    from presentation.report import print_runs
 
     print_runs(store)
     return 0

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from estimators.counterfactual import lds, loo_correlation, mean_ci
 from estimators.metrics import found_fraction
+from presentation.plots import lds_bars, prune_curves
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import load_state_dict, read_checkpoint_index
 from storage.store import RunPaths
@@ -22,7 +23,6 @@ from storage.tracking import Tracking
 from storage.views import open_run
 from tasks.config import Config
 from tasks.groundtruth import Outcome, read_outcome, retrain_outcome
-from tasks.plots import lds_bars, prune_curves
 from tasks.progress import StageProgress
 from tasks.prune import MOST_HARMFUL
 from tasks.score import target_name

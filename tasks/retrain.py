@@ -9,10 +9,10 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from presentation.plots import accuracy_comparison
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
-from tasks.plots import accuracy_comparison
 from tasks.progress import StageProgress
 from tasks.prune import Removal
 from tasks.stage import stage

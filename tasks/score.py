@@ -20,6 +20,7 @@ from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
 from estimators.model_ensemble import ModelEnsemble
 from estimators.targets import SummedLoss
+from presentation.plots import score_distributions
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
@@ -29,7 +30,6 @@ from tasks.attributions import write_pairwise
 from tasks.config import Config
 from tasks.ensemble import scored_estimator
 from tasks.memory import peak_memory
-from tasks.plots import score_distributions
 from tasks.progress import StageProgress
 from tasks.stage import stage
 from tasks.utility import make_target, target_inputs, utility_split

@@ -1,6 +1,7 @@
 """The run's report: ``runs/<run_id>/report.html``, one self-contained file (figures inline as
 base64 PNG, styles inline, no scripts, no external links), written atomically at the end of
-``sieve run`` and ``sieve evaluate`` and logged to the MLflow parent run as ``report.html``.
+``sieve run`` and ``sieve evaluate`` (by the ``report`` task, tasks/report.py) and logged to the
+MLflow parent run as ``report.html``.
 
 Stable hooks for readers and browser tests: ``table#summary-table`` (one row per estimator),
 ``img.plot`` (the figures), ``figure.sample`` (a training sample, inside ``#samples``).
@@ -10,27 +11,25 @@ from __future__ import annotations
 
 import base64
 import html
-import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from storage.atomic import write_text_atomic
-from storage.store import RunPaths
-from storage.tracking import Tracking, log_store_file
-from tasks.config import config_yaml
-from tasks.report_data import ReportData, SampleRow, read_report_data
-from tasks.report_figures import (
+from presentation.report_data import ReportData, SampleRow, read_report_data
+from presentation.report_figures import (
     detection_roc,
     found_curves,
     loss_curve,
     sample_image,
     score_histograms,
 )
-from tasks.score import target_name
+from storage.atomic import write_text_atomic
+from storage.store import RunPaths
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 REPORT_FILE = "report.html"
 _MAX_FEATURES = 16  # columns shown per tabular sample
@@ -73,24 +72,12 @@ def report_path(run: RunPaths) -> Path:
     return run.dir / REPORT_FILE
 
 
-def write_report(run: RunPaths) -> Path:
-    """Render the run's report from the store and write it atomically; returns its path."""
+def write_report(run: RunPaths, config: Config, target: str) -> Path:
+    """Render the run's report from the store (``config``: the run's; ``target``: the scores'
+    partition) and write it atomically; returns its path."""
     path = report_path(run)
-    write_text_atomic(render_report(read_report_data(run)), path)
+    write_text_atomic(render_report(read_report_data(run, config, target)), path)
     return path
-
-
-@task(name="report", cache_policy=NO_CACHE)
-def report_stage(run: RunPaths, tracking: Tracking) -> str:
-    """Write report.html and log it to the MLflow parent run; returns the file's path."""
-    log = get_run_logger()
-    started = time.perf_counter()
-    path = write_report(run)
-    log_store_file(tracking.client(), tracking.parent_run_id, path)
-    log.info("report: %s (%.0f KiB) in %.1f s, MLflow artifact %s of run %s", path.as_uri(),
-             path.stat().st_size / 1024, time.perf_counter() - started, REPORT_FILE,
-             tracking.parent_run_id)
-    return str(path)
 
 
 def render_report(data: ReportData) -> str:
@@ -105,7 +92,7 @@ def render_report(data: ReportData) -> str:
         *(_plot(name, caption, png) for name, caption, png in _plots(data)),
         "</div></section>", _samples_section(data),
         '<section id="config"><h2>Config</h2><details><summary>config.yaml (resolved)</summary>',
-        f"<pre>{_e(config_yaml(data.config))}</pre></details></section>",
+        f"<pre>{_e(data.config_text)}</pre></details></section>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -145,7 +132,7 @@ def _overview(data: ReportData) -> str:
         ("data", f"{c.data.path or c.data.name} (label noise {c.data.noise:g})"),
         ("model", c.model.factory or c.model.name),
         ("estimators", ", ".join(data.estimators) or "–"),
-        ("target", target_name(c)),
+        ("target", data.target),
         ("accuracy after training", ", ".join(
             f"{split} {100 * train[f'{split}_accuracy']:.2f}%"
             for split in ("train", "val", "test") if f"{split}_accuracy" in train) or "–"),

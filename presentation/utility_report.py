@@ -4,6 +4,7 @@ beside test accuracy (mean ± sd over seeds), and the deletion-prediction correl
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -11,7 +12,9 @@ from rich.table import Table
 
 from storage.metrics import read_metrics
 from storage.store import Store
-from tasks.config import Config
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 COLUMNS = {
     "test_accuracy": "test acc %",

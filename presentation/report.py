@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flows.evaluate import EvaluationSummary
-from flows.multistage import MultistageSummary
-from flows.pipeline import RunSummary
-from flows.utility_report import arm_label, print_utility
+from presentation.summaries import EvaluationSummary, MultistageSummary, RunSummary
+from presentation.utility_report import arm_label, print_utility
 from storage.location import is_url
 from storage.metrics import read_metrics
 from storage.store import Store
-from tasks.config import Config
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 
 def _console() -> Console:

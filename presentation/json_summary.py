@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.evaluate import EvaluationSummary
-from flows.pipeline import RunSummary
+from presentation.summaries import EvaluationSummary, RunSummary
 
 
 def _finite(value: Any) -> Any:

@@ -1,11 +1,13 @@
-"""What the HTML report shows, read from the store alone: the run's config, metrics and
-evaluation rows, and its scores and samples through the DuckDB views."""
+"""What the HTML report shows, read from the store: the run's config file, metrics and
+evaluation rows, and its scores and samples through the DuckDB views. The caller passes the
+run's config (as validated) and the name of the target the scores were written for."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +15,9 @@ import pyarrow as pa
 from storage.atomic import read_parquet_schema
 from storage.store import RunPaths
 from storage.views import open_run
-from tasks.config import Config, load_resolved_config
-from tasks.score import target_name
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 EXTREMES = 8  # most harmful and most helpful samples shown per estimator
 
@@ -59,6 +62,8 @@ class ReportData:
 
     run: RunPaths
     config: Config
+    config_text: str  # the run's config.yaml as stored (the resolved config)
+    target: str  # the scores' target partition, e.g. val_loss
     mlflow_run_id: str | None
     metrics: list[dict]
     evaluation: dict[str, dict[str, float]]
@@ -86,9 +91,9 @@ class ReportData:
                 if folder.is_dir() else set())
 
 
-def read_report_data(run: RunPaths) -> ReportData:
-    config = load_resolved_config(run.config)
-    params = {"target": target_name(config)}
+def read_report_data(run: RunPaths, config: Config, target: str) -> ReportData:
+    """The report's data of ``run`` (its ``config``; scores of partition ``target``)."""
+    params = {"target": target}
     with open_run(run) as con:
         cursor = con.execute("select stage, name, value, estimator, seed, step from metrics")
         columns = [d[0] for d in cursor.description]
@@ -122,7 +127,7 @@ def read_report_data(run: RunPaths) -> ReportData:
         rows.sort(key=lambda r: (-r.score, r.sample_id))
     id_file = run.dir / "mlflow_run_id"
     return ReportData(
-        run=run, config=config,
+        run=run, config=config, config_text=run.config.read_text(), target=target,
         mlflow_run_id=id_file.read_text().strip() if id_file.exists() else None,
         metrics=metrics, evaluation=dict(evaluation), estimators=names, scores=scores,
         corrupted=flags if known and any(f.any() for f in flags.values()) else None,
