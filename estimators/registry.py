@@ -8,7 +8,7 @@ from typing import Any
 from estimators.base import Estimator
 from estimators.baselines import RandomScores, SelfLoss
 from estimators.datainf import DataInf
-from estimators.diffin import DiffIn
+from estimators.diffin import DiffIn, UnrolledSGD
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
 from estimators.ip_ensemble import IPEnsemble
@@ -38,6 +38,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         DataInf,
         TRAK,
         DiffIn,
+        UnrolledSGD,
     )
 }
 
