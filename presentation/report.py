@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +14,7 @@ from presentation.utility_report import arm_label, print_utility
 from storage.location import is_url
 from storage.metrics import read_metrics
 from storage.store import Store
+from storage.yaml12 import load_yaml
 
 if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
     from tasks.config import Config
@@ -158,7 +158,7 @@ def print_runs(store: Store) -> None:
     for column in ("run id", "data", "model", "estimators", "stages done", "best detection AUC"):
         table.add_column(column)
     for run in store.list_runs():
-        config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+        config = load_yaml(run.config.read_text()) if run.config.exists() else {}
         metrics = read_metrics(run.metrics).to_pylist()
         order = ["train", "pretrain", "finetune", "gradients", "score", "prune", "retrain",
                  "groundtruth", "evaluate", "validate"]

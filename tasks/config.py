@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from estimators.registry import ESTIMATORS, estimator_options, make_estimator
 from storage.errors import BadInput
 from storage.location import StorePath, store_path
+from storage.yaml12 import load_yaml
 
 
 class Section(BaseModel):
@@ -372,7 +373,7 @@ class Config(Section):
 
 def default_config_dict() -> dict[str, Any]:
     text = resources.files("configs").joinpath("default.yaml").read_text()
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -405,7 +406,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise BadInput(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
@@ -437,7 +438,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise BadInput(f"--set {item!r}: expected key=value")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         raise BadInput(f"--set {item!r}: value is not valid YAML") from None
     parts = key.split(".")
