@@ -157,17 +157,22 @@ class ExactInfluence(Estimator):
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         model = ctx.model_at(ctx.final)
-        d = parameter_count(model)
-        if d > self.max_params:
-            raise ValueError(
-                f"if_exact builds a dense d x d curvature matrix; the model has d={d} trainable "
-                f"parameters > max_params={self.max_params}. Raise max_params or use an "
-                "iterative/factored estimator."
-            )
+        refused = self.refusal(parameter_count(model))
+        if refused is not None:
+            raise ValueError(refused)
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
         factor = damped_cholesky(h, ctx.weight_decay + self.damping)
         self._cached = (key, factor)
         return factor
+
+    def refusal(self, num_params: int) -> str | None:
+        d = num_params
+        if d <= self.max_params:
+            return None
+        gib = d * d * 8 / 2**30
+        return (f"if_exact builds a dense d x d curvature matrix ({gib:.1f} GiB at d={d} trainable "
+                f"parameters) and d > max_params={self.max_params}: set max_params >= {d}, or "
+                "use if_cg")
 
     def score(self, ctx: ScoringContext) -> Attribution:
         factor = self._factor(ctx)

@@ -110,13 +110,13 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
         config = load_resolved_config(run.config)
         run_id = args.resume
         if not run.samples.exists():
-            preflight(config)
+            config = preflight(config)
         if run.checkpoint_index.exists():  # a damaged checkpoint is refused before any work
             verify_checkpoints(read_checkpoint_index(run.checkpoints_dir))
     else:
         config = load_config(args.config, args.set)
         run_id = store.new_run_id()
-        preflight(config)
+        config = preflight(config)
     return config, run_id
 
 
@@ -149,7 +149,7 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
                        resume=args.resume is not None)
     seconds = time.perf_counter() - started
     if args.json:
-        print(summary_json(summary, seconds), flush=True)
+        print(summary_json(summary, seconds, config.skipped), flush=True)
     elif not args.quiet:
         show(summary, config, seconds)
     return 0

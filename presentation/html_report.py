@@ -143,12 +143,17 @@ def _overview(data: ReportData) -> str:
     return f'<dl class="overview">{rows}</dl>'
 
 
-def _table(columns: list[str], rows: list[list[str]]) -> str:
+def _table(columns: list[str], rows: list[list[str]], skipped: dict[str, str]) -> str:
+    """The summary table; ``skipped`` estimators get one row each: ``skipped: <reason>``."""
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td{'' if i == 0 else _NUM}>{_e(v)}</td>"
                          for i, v in enumerate(row)) + "</tr>"
         for row in rows
+    ) + "".join(
+        f'<tr class="skipped"><td>{_e(name)}</td><td colspan="{len(columns) - 1}">'
+        f"{_e('skipped: ' + reason)}</td></tr>"
+        for name, reason in skipped.items()
     )
     return f'<table id="summary-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -183,7 +188,7 @@ def _run_summary(data: ReportData) -> str:
             f"random removal of {100 * data.config.prune.fraction:g}% {_mean_sd(random)}. "
             "“vs” columns are differences in percentage points. precision@k: share of "
             "corrupted samples among the k most harmful, k = number corrupted.")
-    return _table(columns, rows) + f"<p>{_e(note)}</p>"
+    return _table(columns, rows, data.config.skipped) + f"<p>{_e(note)}</p>"
 
 
 def _evaluation_summary(data: ReportData) -> str:
@@ -205,7 +210,7 @@ def _evaluation_summary(data: ReportData) -> str:
     rand = data.evaluation.get("random_removal", {}).get(f"prune_accuracy@{q}")
     note = (f"Test accuracy: full data {_num(None if full is None else 100 * full, 2)}%, "
             f"random removal of {100 * q:g}% {_num(None if rand is None else 100 * rand, 2)}%.")
-    return _table(columns, rows) + f"<p>{_e(note)}</p>"
+    return _table(columns, rows, data.config.skipped) + f"<p>{_e(note)}</p>"
 
 
 def _plots(data: ReportData) -> list[tuple[str, str, bytes]]:

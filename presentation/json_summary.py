@@ -2,8 +2,9 @@
 
 Keys: ``command`` ("run" or "evaluate"), ``run_id``, ``store``, ``mlflow_run_id``, ``report``
 (absolute path of report.html, or null), ``seconds``, ``rows`` (one object per estimator:
-``estimator`` plus its metrics; NaN and infinities become null) and, for ``run``, ``accuracy``
-({arm: [test accuracy per retrain seed]}). Accuracies are fractions, not percent.
+``estimator`` plus its metrics; NaN and infinities become null; an estimator the run skipped
+has only ``estimator`` and ``skipped``, the reason) and, for ``run``, ``accuracy`` ({arm: [test
+accuracy per retrain seed]}). Accuracies are fractions, not percent.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def _run_rows(summary: RunSummary) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_json(summary: RunSummary | EvaluationSummary, seconds: float) -> str:
-    """The one-line JSON object printed by ``--json``."""
+def summary_json(summary: RunSummary | EvaluationSummary, seconds: float,
+                 skipped: dict[str, str] | None = None) -> str:
+    """The one-line JSON object printed by ``--json``; ``skipped``: {estimator: reason} of the
+    estimators the run skipped (``Config.skipped``)."""
     out: dict[str, Any] = {
         "command": "evaluate" if isinstance(summary, EvaluationSummary) else "run",
         "run_id": summary.run_id,
@@ -62,4 +65,6 @@ def summary_json(summary: RunSummary | EvaluationSummary, seconds: float) -> str
         out["accuracy"] = summary.accuracy
     else:
         out["rows"] = [{"estimator": name, **row} for name, row in summary.table.items()]
+    out["rows"] += [{"estimator": name, "skipped": reason}
+                    for name, reason in (skipped or {}).items()]
     return json.dumps(_finite(out), allow_nan=False)

@@ -53,6 +53,7 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
             _delta(pruned, full) if pruned else "",
             _delta(pruned, random) if pruned else "",
         )
+    _skipped_rows(table, config)
     console.print(table)
     n = len(full)
     console.print(
@@ -69,6 +70,12 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"  mlflow ui --backend-store-uri {Store(store).mlflow_uri}   "
         f"(parent run {summary.mlflow_run_id})"
     )
+
+
+def _skipped_rows(table: Table, config: Config) -> None:
+    """One row per estimator the run skipped: its name, then ``skipped: <reason>``."""
+    for name, reason in config.skipped.items():
+        table.add_row(name, f"skipped: {reason}", *[""] * (len(table.columns) - 2))
 
 
 def _print_report(console: Console, report: str | None) -> None:
@@ -100,6 +107,7 @@ def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float)
                       _fmt(row.get("loo_spearman")), _fmt(row.get("detection_auc")),
                       _fmt(None if gain is None else 100 * gain, 2),
                       _fmt(row.get("seconds"), 2), _fmt(row.get("peak_mb"), 1))
+    _skipped_rows(table, config)
     console = _console()
     console.print(table)
     full = summary.table["full_data"]["test_accuracy"]

@@ -123,6 +123,9 @@ class EstimatorSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    skip_if_unable: bool = Field(
+        False, description="skip it (a 'skipped' row) rather than refuse the run when it cannot "
+        "run on this model or these gradients; `estimators: all` sets it")
 
     @field_validator("name")
     @classmethod
@@ -334,12 +337,15 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     multistage: MultistageConfig | None = None
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="estimators with skip_if_unable that cannot run here, "
+        "with the reason and the option that lifts it (filled when the config is checked)")
 
     @field_validator("estimators", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
         if v == "all":
-            return [{"name": name} for name in ESTIMATORS]
+            return [{"name": name, "skip_if_unable": True} for name in ESTIMATORS]
         if isinstance(v, str):
             v = [v]
         if not isinstance(v, list):
@@ -354,14 +360,20 @@ class Config(Section):
         if len(set(names)) != len(names):
             raise ValueError("estimators: an estimator is listed twice")
         if self.gradients.projection is not None:
-            full = [e.name for e in self.estimators
+            full = [e for e in self.estimators
                     if (n := make_estimator(e.name, **e.options).needs).gradients
                     and n.full_gradients]
-            if full:
+            named = [e.name for e in full if not e.skip_if_unable]
+            if named:
                 raise ValueError(
-                    f"estimators {full} need unprojected gradients; drop them or "
+                    f"estimators {named} need unprojected gradients; drop them or "
                     "gradients.projection"
                 )
+            self._skip({e.name: "needs unprojected gradients: drop gradients.projection"
+                        for e in full})
+        clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
+        if clash:
+            raise ValueError(f"skipped: {clash} are also listed under estimators")
         missing = [b for b in self.prune.by if b not in names]
         if missing:
             raise ValueError(f"prune.by {missing} must be among the estimators {names}")
@@ -369,6 +381,42 @@ class Config(Section):
 
     def estimator(self, name: str) -> EstimatorSpec:
         return next(e for e in self.estimators if e.name == name)
+
+    def _skip(self, reasons: dict[str, str]) -> None:
+        """Move the estimators ``reasons`` names to ``skipped`` (ValueError if that leaves none,
+        or if ``prune.by`` needs one of them)."""
+        if not reasons:
+            return
+        pruning = [name for name in self.prune.by if name in reasons]
+        if pruning:
+            name = pruning[0]
+            raise ValueError(f"prune.by names {name}, which cannot run: {reasons[name]}")
+        kept = [e for e in self.estimators if e.name not in reasons]
+        if not kept:
+            raise ValueError(f"no estimator can run: {'; '.join(reasons.values())}")
+        self.estimators = kept
+        self.skipped = {**self.skipped, **reasons}
+
+
+def screen_estimators(config: Config, num_params: int) -> Config:
+    """``config`` without the estimators that cannot run on a model with ``num_params``
+    trainable parameters (``Estimator.refusal``): one with ``skip_if_unable`` (every one of
+    ``estimators: all``) moves to ``config.skipped`` with its reason; any other is refused with
+    BadInput (one line), before any stage runs."""
+    reasons = {}
+    for spec in config.estimators:
+        reason = make_estimator(spec.name, **spec.options).refusal(num_params)
+        if reason is None:
+            continue
+        if not spec.skip_if_unable:
+            raise BadInput(f"estimator {spec.name} cannot run on this model: {reason}")
+        reasons[spec.name] = reason
+    screened = config.model_copy(deep=True)
+    try:
+        screened._skip(reasons)
+    except ValueError as exc:
+        raise BadInput(f"config: {exc}") from None
+    return screened
 
 
 def default_config_dict() -> dict[str, Any]:

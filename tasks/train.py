@@ -7,6 +7,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from estimators.per_sample import parameter_count
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import (
     CheckpointRecord,
@@ -20,7 +21,7 @@ from storage.checkpoints import (
 from storage.errors import BadInput
 from storage.store import RunPaths
 from storage.tracking import Tracking
-from tasks.config import Config
+from tasks.config import Config, screen_estimators
 from tasks.progress import StageProgress
 from tasks.stage import stage
 from tasks.utility import check_utility
@@ -62,8 +63,10 @@ def load_samples(config: Config) -> Samples:
     return samples
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, before any flow starts, on data or model problems (raises BadInput)."""
+def preflight(config: Config) -> Config:
+    """Fail fast, before any flow starts, on data or model problems (raises BadInput); returns
+    the config to run, without the ``skip_if_unable`` estimators that cannot run on this model
+    (``screen_estimators``: they are listed under ``skipped``)."""
     samples = load_samples(config)
     check_utility(config, samples)
     model = factory_for(config, samples)()
@@ -76,6 +79,7 @@ def preflight(config: Config) -> None:
     if isinstance(config.train.checkpoints, list):
         for ckpt in config.train.checkpoints:
             _load_into(model, ckpt.path)
+    return screen_estimators(config, parameter_count(model))
 
 
 def _load_into(model: torch.nn.Module, path: str) -> None:
