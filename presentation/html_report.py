@@ -19,6 +19,8 @@ import numpy as np
 
 from presentation.report_data import ReportData, SampleRow, read_report_data
 from presentation.report_figures import (
+    Boundary,
+    decision_boundaries,
     detection_roc,
     found_curves,
     loss_curve,
@@ -72,11 +74,13 @@ def report_path(run: RunPaths) -> Path:
     return run.dir / REPORT_FILE
 
 
-def write_report(run: RunPaths, config: Config, target: str) -> Path:
+def write_report(run: RunPaths, config: Config, target: str,
+                 boundary: Boundary | None = None) -> Path:
     """Render the run's report from the store (``config``: the run's; ``target``: the scores'
-    partition) and write it atomically; returns its path."""
+    partition; ``boundary``: a 2-feature model's decision regions) and write it atomically;
+    returns its path."""
     path = report_path(run)
-    write_text_atomic(render_report(read_report_data(run, config, target)), path)
+    write_text_atomic(render_report(read_report_data(run, config, target, boundary)), path)
     return path
 
 
@@ -234,6 +238,11 @@ def _plots(data: ReportData) -> list[tuple[str, str, bytes]]:
                       "curve per estimator.", detection_roc(data.scores, data.corrupted)))
         plots.append(("corrupted found", "Share of all corrupted samples among the q most "
                       "harmful, per estimator.", found_curves(data.scores, data.corrupted)))
+    if data.boundary is not None and data.boundary.harmful:
+        plots.append(("decision boundary", "The trained model's decision regions over the 2 "
+                      "features, the training points by label (mislabeled ones outlined in red) "
+                      "and, circled, each estimator's most harmful training samples (as many as "
+                      "are mislabeled).", decision_boundaries(data.boundary)))
     known = list(_STAGE_PLOTS)
     others = sorted(data.stage_plots() - set(known) - {"score_distributions.png"})
     for name in known + others:

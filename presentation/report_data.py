@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from presentation.report_figures import Boundary
 from storage.atomic import read_parquet_schema
 from storage.store import RunPaths
 from storage.views import open_run
@@ -74,6 +75,7 @@ class ReportData:
     helpful: dict[str, list[SampleRow]]
     input_shape: tuple[int, ...]
     feature_names: list[str] | None = None
+    boundary: Boundary | None = None  # 2-feature data: decision regions and harmful points
 
     @property
     def is_evaluation(self) -> bool:
@@ -91,8 +93,10 @@ class ReportData:
                 if folder.is_dir() else set())
 
 
-def read_report_data(run: RunPaths, config: Config, target: str) -> ReportData:
-    """The report's data of ``run`` (its ``config``; scores of partition ``target``)."""
+def read_report_data(run: RunPaths, config: Config, target: str,
+                     boundary: Boundary | None = None) -> ReportData:
+    """The report's data of ``run`` (its ``config``; scores of partition ``target``;
+    ``boundary``: the decision-boundary figure's data when the caller made it)."""
     params = {"target": target}
     with open_run(run) as con:
         cursor = con.execute("select stage, name, value, estimator, seed, step from metrics")
@@ -132,7 +136,7 @@ def read_report_data(run: RunPaths, config: Config, target: str) -> ReportData:
         metrics=metrics, evaluation=dict(evaluation), estimators=names, scores=scores,
         corrupted=flags if known and any(f.any() for f in flags.values()) else None,
         harmful=dict(harmful), helpful=dict(helpful), input_shape=_input_shape(run),
-        feature_names=_feature_names(config),
+        feature_names=_feature_names(config), boundary=boundary,
     )
 
 

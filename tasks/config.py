@@ -43,8 +43,16 @@ class SyntheticConfig(Section):
     classes: int = Field(10, ge=2)
 
 
+class SanityConfig(Section):
+    """data.name sanity: the IP paper's 2-D sanity check (workloads/sanity.py)."""
+
+    kind: Literal["linear", "nonlinear"] = "nonlinear"
+    n: int = Field(400, ge=10, description="base samples, split train/val/test")
+    cluster: int = Field(20, ge=0, description="clustered mislabeled training samples added")
+
+
 class DataConfig(Section):
-    name: Literal["digits", "german_credit", "parquet", "synthetic"] = "digits"
+    name: Literal["digits", "german_credit", "parquet", "synthetic", "sanity"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
@@ -52,6 +60,7 @@ class DataConfig(Section):
     feature_columns: list[str] | None = None
     group_column: str | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
+    sanity: SanityConfig = SanityConfig()
 
     @model_validator(mode="after")
     def _path_means_parquet(self) -> DataConfig:

@@ -30,6 +30,7 @@ from workloads.datasets import Samples, load_digits, load_parquet, samples_table
 from workloads.german_credit import load_german_credit
 from workloads.models import seeded_model
 from workloads.noise import flip_labels
+from workloads.sanity import SanitySpec, load_sanity
 from workloads.synthetic import SyntheticSpec, load_synthetic
 from workloads.training import CheckpointEvent, accuracy, train
 
@@ -46,6 +47,9 @@ def load_samples(config: Config) -> Samples:
         spec = SyntheticSpec(d.synthetic.n, d.synthetic.input_dim, d.synthetic.classes,
                              config.seed)
         samples = load_synthetic(spec, fractions)
+    elif d.name == "sanity":
+        samples = load_sanity(SanitySpec(d.sanity.kind, d.sanity.n, d.sanity.cluster,
+                                         config.seed), fractions)
     else:
         samples = load_parquet(
             d.path, label_column=d.label_column, feature_columns=d.feature_columns,
