@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from estimators.metrics import sample_sd
 from presentation.report_data import ReportData, SampleRow, read_report_data
 from presentation.report_figures import (
     Boundary,
@@ -111,7 +112,11 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def _mean_sd(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" if values else "–"
+    """``mean ± sd`` in percent (sample sd, ddof=1; "–" for the sd of one value)."""
+    if not values:
+        return "–"
+    sd = sample_sd(values)
+    return f"{100 * np.mean(values):.2f} ± {'–' if np.isnan(sd) else f'{100 * sd:.2f}'}"
 
 
 def _delta(values: list[float], reference: list[float]) -> str:

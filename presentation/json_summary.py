@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from estimators.metrics import sample_sd
 from presentation.summaries import EvaluationSummary, RunSummary
 
 
@@ -39,7 +40,7 @@ def _run_rows(summary: RunSummary) -> list[dict[str, Any]]:
         pruned = acc.get(f"pruned:{name}")
         if pruned:
             row["pruned_test_accuracy_mean"] = float(np.mean(pruned))
-            row["pruned_test_accuracy_sd"] = float(np.std(pruned))
+            row["pruned_test_accuracy_sd"] = sample_sd(pruned)  # NaN (null) for one seed
             if full:
                 row["pruned_vs_full"] = float(np.mean(pruned) - np.mean(full))
             if random:

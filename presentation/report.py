@@ -9,6 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from estimators.metrics import sample_sd
 from presentation.summaries import EvaluationSummary, MultistageSummary, RunSummary
 from presentation.utility_report import arm_label, print_utility
 from storage.location import is_url
@@ -26,8 +27,11 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
-def _mean_sd(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
+def _mean_sd(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """``mean ± sd`` (sample sd, ddof=1; "–" for the sd of one value)."""
+    sd = sample_sd(values)
+    spread = "–" if np.isnan(sd) else f"{scale * sd:.{digits}f}"
+    return f"{scale * np.mean(values):.{digits}f} ± {spread}"
 
 
 def _delta(values: list[float], reference: list[float]) -> str:
@@ -142,7 +146,7 @@ def print_multistage(summary: MultistageSummary, config: Config, seconds: float)
             arm, f"most harmful {q} by {name}")
         table.add_row(
             label,
-            f"{np.mean(loss):.4f} ± {np.std(loss):.4f}",
+            _mean_sd(loss, scale=1, digits=4),
             f"{np.mean(loss) - np.mean(random):+.4f}" if random and arm != "random" else "",
             _mean_sd(values["test_accuracy"]),
             _fmt(row.get("loo_pearson")),

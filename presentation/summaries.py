@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from estimators.metrics import sample_sd
+
 
 @dataclass
 class RunSummary:
@@ -49,5 +51,5 @@ class MultistageSummary:
         for arm, values in self.arms.items():
             rows[f"arm:{arm}"] = {f"{metric}_{stat}": float(fn(per_seed))
                                   for metric, per_seed in values.items()
-                                  for stat, fn in (("mean", np.mean), ("sd", np.std))}
+                                  for stat, fn in (("mean", np.mean), ("sd", sample_sd))}
         return rows

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from estimators.counterfactual import lds, loo_correlation, mean_ci
-from estimators.metrics import found_fraction
+from estimators.metrics import found_fraction, sample_sd
 from presentation.plots import lds_bars, prune_curves
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import load_state_dict, read_checkpoint_index
@@ -249,7 +249,8 @@ def evaluation_stage(
     for q in config.evaluate.prune_curve.fractions:
         values = accuracy[f"random@{q}"]
         table.setdefault("random_removal", {})[f"prune_accuracy@{q}"] = float(np.mean(values))
-        table["random_removal"][f"prune_accuracy_sd@{q}"] = float(np.std(values))
+        if len(values) > 1:  # the sample sd of one seed is undefined
+            table["random_removal"][f"prune_accuracy_sd@{q}"] = sample_sd(values)
     table.setdefault("full_data", {})["test_accuracy"] = float(np.mean(accuracy["full"]))
     _record(run, tracking, table, accuracy, config)
     return table
