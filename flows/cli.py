@@ -10,6 +10,14 @@ from storage.errors import BadInput
 from storage.store import Store
 
 EXIT_BAD_INPUT = 2
+QUERY_ROWS = 1000  # rows `sieve query` prints unless --limit says otherwise
+
+
+def _row_limit(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0: all rows)")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("sql")
     query.add_argument("--run", help="run id (default: the latest run)")
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    query.add_argument("--limit", type=_row_limit, default=QUERY_ROWS, metavar="N",
+                       help=f"print at most N rows (default {QUERY_ROWS:,}; 0: all rows)")
     query.set_defaults(command=cmd_query)
 
     evaluate = sub.add_parser("evaluate", parents=[common],
@@ -178,9 +188,14 @@ def cmd_query(args: argparse.Namespace, store: Store) -> int:
     from storage.views import format_rows, open_run, run_query
 
     run = store.existing_run(args.run) if args.run is not None else store.latest_run()
+    limit = args.limit or None
     with open_run(run) as con:
-        columns, rows = run_query(con, args.sql)
-    print(format_rows(columns, rows, args.format))
+        columns, rows = run_query(con, args.sql, None if limit is None else limit + 1)
+    more = limit is not None and len(rows) > limit
+    print(format_rows(columns, rows[:limit], args.format))
+    if more:
+        print(f"(the first {limit:,} rows; more not fetched: --limit 0 prints all)",
+              file=sys.stderr)
     return 0
 
 
