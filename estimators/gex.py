@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from workloads.inputs import Inputs, call_model, cast_floating, num_rows, take
 
 _STREAM = 7411  # the ensemble's random stream, apart from other users of ctx.seed
 
@@ -91,7 +92,7 @@ class GEX(Estimator):
         after 1..K legs of ``steps_per_member`` SGD steps on the trajectory from theta*."""
         model = ctx.model_at(ctx.final).to(torch.float64)
         params = [p for p in model.parameters() if p.requires_grad]
-        n = ctx.train_x.shape[0]
+        n = num_rows(ctx.train_x)
         batch = min(max(int(ctx.batch_size), 1), n)
         steps = self.steps_per_member or math.ceil(n / batch)
         lr = float(self.lr if self.lr is not None else ctx.final.lr)
@@ -103,9 +104,9 @@ class GEX(Estimator):
             for _ in range(steps):
                 if len(order) < batch:
                     order.extend(rng.permutation(n).tolist())
-                rows = torch.as_tensor(order[:batch], device=x.device)
+                rows = torch.as_tensor(order[:batch], device=y.device)
                 del order[:batch]
-                loss = F.cross_entropy(model(x[rows]), y[rows])
+                loss = F.cross_entropy(call_model(model, take(x, rows)), y[rows])
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
                     for p, g in zip(params, grads, strict=True):
@@ -127,19 +128,20 @@ class GEX(Estimator):
 
     @torch.no_grad()
     def _train_losses(self, model: nn.Module, ctx: ScoringContext) -> np.ndarray:
-        x = _as64(ctx.train_x)
-        out = [F.cross_entropy(model(x[s:s + self.chunk_size]), ctx.train_y[s:s + self.chunk_size],
-                               reduction="none") for s in range(0, x.shape[0], self.chunk_size)]
+        x, step = _as64(ctx.train_x), self.chunk_size
+        out = [F.cross_entropy(call_model(model, take(x, slice(s, s + step))),
+                               ctx.train_y[s:s + step], reduction="none")
+               for s in range(0, num_rows(x), step)]
         return torch.cat(out).cpu().numpy()
 
     @torch.no_grad()
     def _target_costs(self, model: nn.Module, ctx: ScoringContext, per_row: bool) -> np.ndarray:
         x, y = _as64(ctx.target_x), ctx.target_y
+        logits = call_model(model, x)
         if not per_row:
-            return np.array([float(ctx.target.cost(model(x), y))])
-        logits = model(x)
+            return np.array([float(ctx.target.cost(logits, y))])
         return np.array([float(ctx.target.cost(logits[j:j + 1], y[j:j + 1]))
-                         for j in range(x.shape[0])])
+                         for j in range(num_rows(x))])
 
 
 def _load_flat(model: nn.Module, flat: torch.Tensor) -> None:
@@ -150,5 +152,5 @@ def _load_flat(model: nn.Module, flat: torch.Tensor) -> None:
             start += p.numel()
 
 
-def _as64(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64) if x.is_floating_point() else x
+def _as64(x: Inputs) -> Inputs:
+    return cast_floating(x, torch.float64)

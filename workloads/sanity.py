@@ -55,7 +55,7 @@ def load_sanity(spec: SanitySpec, fractions: dict[str, float]) -> Samples:
     total = spec.n + spec.cluster
     return Samples(
         sample_id=np.arange(total, dtype=np.int64),
-        x=np.concatenate([x, blob]).astype(np.float32),
+        inputs={"features": np.concatenate([x, blob]).astype(np.float32)},
         label=label,
         split=split.astype(str),
         num_classes=2,
