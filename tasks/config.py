@@ -481,12 +481,12 @@ class Config(Section):
                                  "themselves; drop them or task.loss")
             self._skip({e.name: "differentiates the cross-entropy itself: drop task.loss"
                         for e in own})
-        clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
-        if clash:
-            raise ValueError(f"skipped: {clash} are also listed under estimators")
             if self.train.models > 1:
                 raise ValueError("task.loss needs train.models 1 (the ensemble members' "
                                  "gradients are of the cross-entropy)")
+        clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
+        if clash:
+            raise ValueError(f"skipped: {clash} are also listed under estimators")
         if self.task.measurement != "loss" and self.targets.utility != "loss":
             raise ValueError("task.measurement replaces the per-sample loss of targets.utility "
                              "loss; it can't be combined with another utility")

@@ -49,3 +49,10 @@ def test_all_with_projection_skips_the_full_gradient_estimators() -> None:
 def test_skipped_and_listed_is_refused() -> None:
     with pytest.raises(BadInput, match="also listed under estimators"):
         load_config(None, ["estimators=[ip]", "prune.by=ip", "skipped={ip: why}"])
+
+
+def test_all_with_a_task_loss_skips_the_cross_entropy_estimators() -> None:
+    cfg = load_config(None, ["estimators=all", "task.loss=torch.nn.functional:cross_entropy"])
+    assert {"if_exact", "gex", "diffin", "unrolled_sgd"} <= set(cfg.skipped)
+    assert "ip" in [e.name for e in cfg.estimators] and "ip" not in cfg.skipped
+    assert cfg.skipped["gex"] == "differentiates the cross-entropy itself: drop task.loss"
