@@ -21,16 +21,21 @@ class Interrupted(BaseException):
 
 
 def interruption(exc: BaseException | None) -> int | None:
-    """The signal number when ``exc`` is an interruption: ``Interrupted``, KeyboardInterrupt
-    (SIGINT), or Prefect's TerminationSignal (Prefect turns SIGTERM into it inside a flow)."""
-    if isinstance(exc, Interrupted):
-        return exc.signum
-    if isinstance(exc, KeyboardInterrupt):
-        return signal.SIGINT
+    """The signal number when ``exc``, or an error raised while handling one (its cause or
+    context chain), is an interruption: ``Interrupted``, KeyboardInterrupt (SIGINT), or
+    Prefect's TerminationSignal (Prefect turns SIGTERM into it inside a flow)."""
     from prefect.exceptions import TerminationSignal
 
-    if isinstance(exc, TerminationSignal):
-        return exc.signal
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Interrupted):
+            return exc.signum
+        if isinstance(exc, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(exc, TerminationSignal):
+            return exc.signal
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
