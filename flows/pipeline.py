@@ -10,6 +10,7 @@ from prefect import flow
 from flows.run_setup import tracked_run
 from flows.runner import task_runner
 from storage.store import Store
+from tasks.confidence import confidence_stage
 from tasks.config import Config
 from tasks.deletion import deletion_stage
 from tasks.gradients import gradients_stage
@@ -31,6 +32,7 @@ class RunSummary:
     estimators: dict[str, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, list[float]] = field(default_factory=dict)
     report: str | None = None  # runs/<run_id>/report.html
+    confidence: dict | None = None  # runs/<run_id>/confidence.json (data with a confidence)
 
 
 @flow(name="sieve-pipeline", log_prints=True, task_runner=task_runner())
@@ -50,6 +52,7 @@ def pipeline(config: Config, store: str, run_id: str, resume: bool = False) -> R
         accuracy = retrain_stage(run, config, tracking, removals)
         for name, row in deletion_stage(run, config, tracking).items():
             estimators[name] |= row
+        confidence = confidence_stage(run, config, tracking, accuracy)
         report = report_stage(run, tracking)
     return RunSummary(run_id, str(Store(store).root), tracking.parent_run_id, estimators,
-                      accuracy, report)
+                      accuracy, report, confidence)

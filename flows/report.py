@@ -9,6 +9,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from flows.confidence_table import print_confidence
 from flows.evaluate import EvaluationSummary
 from flows.multistage import MultistageSummary
 from flows.pipeline import RunSummary
@@ -59,6 +60,7 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"{arm_label('random', config)} {_mean_sd(random)}"
     )
     print_utility(console, summary.store, summary.run_id, config)
+    print_confidence(console, summary.confidence)
     store = summary.store
     _print_report(console, summary.report)
     console.print(
