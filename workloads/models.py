@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from storage.errors import BadInput
+from workloads.transformer import text_classifier
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -53,7 +54,7 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int, channels: int = 8)
     )
 
 
-BUILTIN = ("logreg", "mlp", "cnn")
+BUILTIN = ("logreg", "mlp", "cnn", "minilm")
 
 
 def model_factory(
@@ -64,6 +65,7 @@ def model_factory(
     input_shape: tuple[int, ...],
     num_classes: int,
     hidden: int,
+    trainable_layers: int = 1,
 ) -> ModelFactory:
     """A zero-argument callable building a fresh model: a built-in by ``name`` or a user's
     ``"package.module:function"`` (called with whichever of input_dim, input_shape,
@@ -78,6 +80,8 @@ def model_factory(
         if len(input_shape) != 3:
             raise BadInput(f"model cnn needs image data (C, H, W); this data has {input_shape}")
         return lambda: small_cnn(input_shape, num_classes)
+    if name == "minilm":
+        return lambda: text_classifier(num_classes, None, trainable_layers)
     raise BadInput(f"unknown model {name!r}; choose one of {BUILTIN} or give model.factory")
 
 
