@@ -31,6 +31,7 @@ from workloads.models import seeded_model
 from workloads.noise import flip_labels
 from workloads.synthetic import SyntheticSpec, load_synthetic
 from workloads.training import CheckpointEvent, accuracy, train
+from workloads.tweets import load_tweets
 
 
 def load_samples(config: Config) -> Samples:
@@ -41,6 +42,9 @@ def load_samples(config: Config) -> Samples:
         samples = load_digits(fractions, config.seed)
     elif d.name == "german_credit":
         samples = load_german_credit(fractions, config.seed)
+    elif d.name == "tweets":
+        samples = load_tweets(d.tweets.n, d.text.tokenizer, d.text.max_length, fractions,
+                              config.seed)
     elif d.name == "synthetic":
         spec = SyntheticSpec(d.synthetic.n, d.synthetic.input_dim, d.synthetic.classes,
                              config.seed)

