@@ -41,6 +41,7 @@ from torch import nn
 
 from estimators.base import Attribution, Estimator, Needs, PairwiseStream, ScoringContext
 from estimators.per_sample import parameter_order
+from workloads.inputs import Inputs, call_model, num_rows, take
 
 Kind = Literal["ekfac", "kfac"]
 KINDS: tuple[str, ...] = ("ekfac", "kfac")
@@ -164,7 +165,7 @@ def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _capture(
     model: nn.Module,
     blocks: list[KroneckerBlock],
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _summed_ce,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -190,7 +191,7 @@ def _capture(
     handles = [b.module.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
     try:
         with torch.enable_grad():
-            loss = cost(model(x), y)
+            loss = cost(call_model(model, x), y)
     finally:
         for handle in handles:
             handle.remove()
@@ -211,7 +212,7 @@ def _rotated(eig: _Eigen, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bto,bti->boi", s @ eig.q_s, a @ eig.q_a)
 
 
-def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: torch.Tensor) -> list[bool]:
+def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: Inputs) -> list[bool]:
     """Which blocks' forward hooks fire (exactly once) on one probe row."""
     calls = [0] * len(blocks)
 
@@ -224,7 +225,7 @@ def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: torch.Tens
     handles = [b.module.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
-            model(x[:1])
+            call_model(model, take(x, slice(0, 1)))
     finally:
         for handle in handles:
             handle.remove()
@@ -293,7 +294,7 @@ class EKFACInfluence(Estimator):
     def _setup(self, ctx: ScoringContext) -> tuple[nn.Module, list[KroneckerBlock]]:
         model = ctx.model_at(ctx.final)
         blocks, excluded = kronecker_blocks(model)
-        if blocks and len(ctx.train_x):
+        if blocks and num_rows(ctx.train_x):
             called = _called_blocks(model, blocks, ctx.train_x)
             excluded += [n for b, c in zip(blocks, called, strict=True) if not c
                          for n in b.parameters]
@@ -311,13 +312,13 @@ class EKFACInfluence(Estimator):
         self, ctx: ScoringContext, model: nn.Module, blocks: list[KroneckerBlock]
     ) -> list[_Eigen]:
         """Passes 1 (A, S) and, for EK-FAC, 2 (Lambda) over the factor rows."""
-        n = len(ctx.train_x)
+        n = num_rows(ctx.train_x)
         rows = np.arange(n)
         if self.max_samples is not None and self.max_samples < n:
             rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, 0x4B464143]))
             rows = np.sort(rng.choice(n, size=self.max_samples, replace=False))
-        index = torch.as_tensor(rows, device=ctx.train_x.device)
-        x, y = ctx.train_x[index], ctx.train_y[index]
+        index = torch.as_tensor(rows, device=ctx.train_y.device)
+        x, y = take(ctx.train_x, index), ctx.train_y[index]
         chunks = [slice(i, i + ctx.batch_size) for i in range(0, len(rows), ctx.batch_size)]
         gen = torch.Generator().manual_seed(int(ctx.seed))
         labels: list[torch.Tensor] = []  # drawn in pass 1, reused by pass 2
@@ -334,7 +335,8 @@ class EKFACInfluence(Estimator):
         s_cov: list[torch.Tensor | None] = [None] * len(blocks)
         a_count = [0] * len(blocks)
         for chunk in chunks:
-            for k, (a, s) in enumerate(_capture(model, blocks, x[chunk], y[chunk], fisher_cost)):
+            captured = _capture(model, blocks, take(x, chunk), y[chunk], fisher_cost)
+            for k, (a, s) in enumerate(captured):
                 a2, s2 = a.reshape(-1, a.shape[2]), s.reshape(-1, s.shape[2])
                 a_cov[k] = a2.T @ a2 if a_cov[k] is None else a_cov[k] + a2.T @ a2
                 s_cov[k] = s2.T @ s2 if s_cov[k] is None else s_cov[k] + s2.T @ s2
@@ -349,7 +351,7 @@ class EKFACInfluence(Estimator):
         if self.kind == "ekfac":
             lambdas = [torch.zeros_like(lam) for lam in lambdas]
             for chunk, drawn in zip(chunks, labels, strict=True):
-                for k, (a, s) in enumerate(_capture(model, blocks, x[chunk], drawn)):
+                for k, (a, s) in enumerate(_capture(model, blocks, take(x, chunk), drawn)):
                     lambdas[k] += _rotated(eigens[k], a, s).square().sum(dim=0)
             lambdas = [lam / len(rows) for lam in lambdas]
         self.module_damping = {}
@@ -374,7 +376,7 @@ class EKFACInfluence(Estimator):
         """Preconditioned target gradients in the eigenbasis, per block: ``G'_V / D`` (1, o, p),
         or with ``per_row`` one per target row (m, o, p)."""
         target = ctx.target
-        m = len(ctx.target_x)
+        m = num_rows(ctx.target_x)
         if m == 0:
             raise ValueError("if_ekfac needs at least one target row")
         if per_row and not target.decomposable:
@@ -386,7 +388,7 @@ class EKFACInfluence(Estimator):
         for start in range(0, m, step):
             rows = slice(start, start + step)
             captured = _capture(
-                model, blocks, ctx.target_x[rows], ctx.target_y[rows], target.cost
+                model, blocks, take(ctx.target_x, rows), ctx.target_y[rows], target.cost
             )
             for k, (a, s) in enumerate(captured):
                 g = _rotated(eigens[k], a, s)
@@ -410,10 +412,10 @@ class EKFACInfluence(Estimator):
         (b, m) against the preconditioned targets, self-influence (b,) when ``with_self``),
         float64."""
         ids = np.asarray(ctx.train_ids, dtype=np.int64)
-        for start in range(0, len(ctx.train_x), ctx.batch_size):
+        for start in range(0, num_rows(ctx.train_x), ctx.batch_size):
             rows = slice(start, start + ctx.batch_size)
             y = ctx.train_y[rows]
-            captured = _capture(model, blocks, ctx.train_x[rows], y)
+            captured = _capture(model, blocks, take(ctx.train_x, rows), y)
             score = torch.zeros(y.shape[0], targets[0].shape[0], dtype=torch.float64,
                                 device=y.device)
             self_inf = (torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
@@ -443,7 +445,7 @@ class EKFACInfluence(Estimator):
         model, blocks = self._setup(ctx)
         eigens = self._factors(ctx, model, blocks)
         targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
-        m = len(ctx.target_x)
+        m = num_rows(ctx.target_x)
         target_ids = np.arange(m) if ctx.target_ids is None else ctx.target_ids
         scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
         return PairwiseStream(np.asarray(target_ids, dtype=np.int64),

@@ -25,12 +25,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from estimators.base import Attribution, Checkpoint, Estimator, Needs, ScoringContext
 from estimators.per_sample import parameter_count, parameter_order
 from estimators.projection import KINDS, ProjectionKind, Projector
 from estimators.targets import SummedLoss
+from workloads.inputs import (
+    Inputs,
+    call_functional,
+    call_model,
+    num_rows,
+    take,
+    to_device,
+    unsqueeze_rows,
+)
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,7 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def margin_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+    model: nn.Module, x: Inputs, y: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """Per-sample gradients of ``margins``: (m, d) in ``parameter_order(model)``, model dtype.
 
@@ -58,13 +67,13 @@ def margin_gradients(
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def margin_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+    def margin_one(p: dict, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+        logits = call_functional(model, (p, buffers), unsqueeze_rows(xi))
         return margins(logits, yi.unsqueeze(0)).squeeze(0)
 
     per_sample = vmap(grad(margin_one), in_dims=(None, 0, 0), chunk_size=chunk_size)
     grads = per_sample(params, x, y)
-    return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
+    return torch.cat([grads[n].reshape(y.shape[0], -1) for n in names], dim=1)
 
 
 class TRAK(Estimator):
@@ -147,7 +156,7 @@ class TRAK(Estimator):
         """``tau(t, i)`` for every train row i and target row t: (train ids (n,), target ids
         (m,), (n, m) float64), project sign; the columns sum to ``score`` (summed-loss target)."""
         tau, q, _ = self._ensemble(ctx, pairwise=True)
-        m = ctx.target_x.shape[0]
+        m = num_rows(ctx.target_x)
         target_ids = ctx.target_ids if ctx.target_ids is not None else np.arange(m)
         return (
             np.asarray(ctx.train_ids, dtype=np.int64),
@@ -189,7 +198,7 @@ class TRAK(Estimator):
 
     def _projector(self, ctx: ScoringContext, model: nn.Module, model_id: int) -> Projector | None:
         """Projector of one trained model, or None when the exact gradients are small enough."""
-        d, n = parameter_count(model), ctx.train_x.shape[0]
+        d, n = parameter_count(model), num_rows(ctx.train_x)
         k_eff = min(self.k, max(1, n // 2))
         if d <= k_eff:
             return None
@@ -198,7 +207,7 @@ class TRAK(Estimator):
         )
 
     def _features(
-        self, model: nn.Module, projector: Projector | None, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, projector: Projector | None, x: Inputs, y: torch.Tensor
     ) -> torch.Tensor:
         """phi rows (m, k): projected margin gradients / sqrt(d), or the gradients themselves."""
         d = parameter_count(model)
@@ -206,12 +215,13 @@ class TRAK(Estimator):
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rows = max(1, min(self.chunk_size, 2**27 // d))
         pieces = []
-        for start in range(0, x.shape[0], rows):
-            g = margin_gradients(model, x[start : start + rows], y[start : start + rows], rows)
+        for start in range(0, y.shape[0], rows):
+            g = margin_gradients(model, take(x, slice(start, start + rows)),
+                                 y[start : start + rows], rows)
             pieces.append(self._map(projector, g, d, out_dtype))
         if not pieces:
             k = d if projector is None else projector.k
-            return torch.zeros(0, k, dtype=out_dtype, device=x.device)
+            return torch.zeros(0, k, dtype=out_dtype, device=y.device)
         return torch.cat(pieces)
 
     @staticmethod
@@ -226,16 +236,16 @@ class TRAK(Estimator):
         self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
     ) -> torch.Tensor:
         """Target features (k, 1) summed, or (k, n_targets) per row, float64."""
-        x, y = ctx.target_x.to(ctx.device), ctx.target_y.to(ctx.device)
+        x, y = to_device(ctx.target_x, ctx.device), ctx.target_y.to(ctx.device)
         if pairwise:
             return self._features(model, projector, x, y).to(torch.float64).T
         d = parameter_count(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if isinstance(ctx.target, SummedLoss):
             total = torch.zeros(d, dtype=params[0].dtype, device=ctx.device)
-            for start in range(0, x.shape[0], self.chunk_size):
+            for start in range(0, y.shape[0], self.chunk_size):
                 rows = slice(start, start + self.chunk_size)
-                value = margins(model(x[rows]), y[rows]).sum()
+                value = margins(call_model(model, take(x, rows)), y[rows]).sum()
                 total += torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
         else:
             total = -ctx.target.gradient(model, x, y).to(params[0].dtype)
@@ -246,7 +256,7 @@ class TRAK(Estimator):
         self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """One member's tau (n, 1 or n_targets), Q (n,), leverage (n,) (all float64)."""
-        x, y = ctx.train_x.to(ctx.device), ctx.train_y.to(ctx.device)
+        x, y = to_device(ctx.train_x, ctx.device), ctx.train_y.to(ctx.device)
         phi = self._features(model, projector, x, y)
         k = phi.shape[1]
         kernel = torch.zeros(k, k, dtype=torch.float64, device=phi.device)
@@ -273,7 +283,8 @@ class TRAK(Estimator):
                 leverage[start : start + 4096] = (w * w).sum(dim=0)
         with torch.no_grad():
             step = self.chunk_size
-            f = [margins(model(x[s : s + step]), y[s : s + step]) for s in range(0, len(x), step)]
+            f = [margins(call_model(model, take(x, slice(s, s + step))), y[s : s + step])
+                 for s in range(0, y.shape[0], step)]
             q = torch.sigmoid(-torch.cat(f)).to(torch.float64)
         info = {
             "k": k,

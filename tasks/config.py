@@ -59,16 +59,28 @@ class TweetsConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "german_credit", "parquet", "synthetic", "tweets"] = "digits"
+    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic",
+                  "tweets"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
     label_column: str = "label"
     feature_columns: list[str] | None = None
     group_column: str | None = None
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="row shape of a flat list column, e.g. {image: [1, "
+        "28, 28]} (else the Parquet schema metadata 'shapes', else the nesting of its lists)")
     synthetic: SyntheticConfig = SyntheticConfig()
     tweets: TweetsConfig = TweetsConfig()
     text: TextConfig = TextConfig()
+
+    @field_validator("shapes")
+    @classmethod
+    def _positive_dims(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, dims in v.items():
+            if not dims or min(dims) < 1:
+                raise ValueError(f"shapes.{name}: a list of positive dimensions")
+        return v
 
     @model_validator(mode="after")
     def _path_means_parquet(self) -> DataConfig:
@@ -85,6 +97,30 @@ class ModelConfig(Section):
     hidden: int = Field(64, ge=1)
     trainable_layers: int = Field(1, ge=0, description="minilm: the last blocks fine-tuned "
                                   "with the head (the others frozen)")
+    modules: list[str] | None = Field(
+        None, description="modules whose parameters are attributed: names or glob patterns "
+        "(e.g. ['encoder.layer.5', 'classifier*']); default every trainable parameter")
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+HOOK = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class TaskConfig(Section):
+    """What is differentiated (docs/howto.md): the training loss of a batch and the per-sample
+    measurement that the scores predict."""
+
+    loss: str | None = Field(
+        None, pattern=HOOK, description="'module:function' (logits, labels) -> the mean loss of "
+        "a batch; default cross-entropy. Used to train, retrain and for the stored gradients")
+    measurement: str = Field(
+        "loss", pattern=r"^(loss|margin|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="the per-sample cost of a target row: loss (cross-entropy), margin (minus "
+        "the logit margin) or 'module:function' (logits, labels) -> (m,) costs, lower is better")
 
 
 class CheckpointFile(Section):
@@ -336,10 +372,16 @@ class MultistageConfig(Section):
         return self
 
 
+OWN_LOSS = ("loss", "ip_ensemble", "if_exact", "if_cg", "if_lissa", "if_arnoldi", "if_ekfac",
+            "diffin")
+"""Estimators that compute the training loss (cross-entropy) or its curvature themselves."""
+
+
 class Config(Section):
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     gradients: GradientsConfig = GradientsConfig()
     estimators: list[EstimatorSpec] = Field(default_factory=list)
@@ -381,6 +423,14 @@ class Config(Section):
                     f"estimators {full} need unprojected gradients; drop them or "
                     "gradients.projection"
                 )
+        if self.task.loss is not None:
+            own = [n for n in names if n in OWN_LOSS]
+            if own:
+                raise ValueError(f"task.loss: estimators {own} differentiate the cross-entropy "
+                                 "themselves; drop them or task.loss")
+        if self.task.measurement != "loss" and self.targets.utility != "loss":
+            raise ValueError("task.measurement replaces the per-sample loss of targets.utility "
+                             "loss; it can't be combined with another utility")
         missing = [b for b in self.prune.by if b not in names]
         if missing:
             raise ValueError(f"prune.by {missing} must be among the estimators {names}")

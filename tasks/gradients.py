@@ -19,7 +19,12 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from estimators.per_sample import parameter_count, parameter_order, per_sample_gradients
+from estimators.per_sample import (
+    RowCost,
+    parameter_count,
+    parameter_order,
+    per_sample_gradients,
+)
 from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.checkpoints import CheckpointRecord, load_state_dict
@@ -36,9 +41,10 @@ from storage.tracking import Tracking
 from tasks.config import Config
 from tasks.progress import StageProgress
 from tasks.stage import stage
-from tasks.utility import utility_gradient_rows, utility_row_count, utility_split
+from tasks.utility import row_cost, utility_gradient_rows, utility_row_count, utility_split
 from tasks.workload import load_workload
 from workloads.datasets import SPLITS
+from workloads.inputs import Inputs, take, to_device
 
 
 @dataclass(frozen=True)
@@ -99,14 +105,17 @@ def chunk_rows(parameters: int, memory_mb: int) -> int:
     return rows // 256 * 256 if rows >= 256 else rows
 
 
-def shard_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    projector: Projector | None, rows: int) -> torch.Tensor:
-    """Per-sample gradients of ``model`` on (x, y), projected when ``projector`` is given,
-    ``rows`` at a time (the memory bound): (m, k or d) float32 on the CPU."""
+def shard_gradients(model: torch.nn.Module, x: Inputs, y: torch.Tensor,
+                    projector: Projector | None, rows: int, cost: RowCost | None = None
+                    ) -> torch.Tensor:
+    """Per-sample gradients of ``cost`` (default cross-entropy) of ``model`` on (x, y),
+    projected when ``projector`` is given, ``rows`` at a time (the memory bound): (m, k or d)
+    float32 on the CPU."""
     blocks = []
-    for start in range(0, x.shape[0], rows):
-        grads = per_sample_gradients(model, x[start : start + rows], y[start : start + rows],
-                                     chunk_size=min(rows, 256))
+    for start in range(0, y.shape[0], rows):
+        grads = per_sample_gradients(model, take(x, slice(start, start + rows)),
+                                     y[start : start + rows], chunk_size=min(rows, 256),
+                                     cost=cost)
         if projector is not None:
             grads = projector.project(grads)
         blocks.append(grads.to(device="cpu", dtype=torch.float32))
@@ -170,7 +179,7 @@ def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = load_workload(run, config)
-    model = work.factory()
+    model = work.attributed()
     model.load_state_dict(load_state_dict(job.checkpoint.path, job.checkpoint.sha256))
     model = model.to(device()).eval()
     k = config.gradients.projection
@@ -179,9 +188,11 @@ def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
     if job.split in SPLITS:
         rows = work.rows(job.split)[job.start : job.stop]
         ids = work.samples.sample_id[rows].astype(np.int64)
-        grads = shard_gradients(model, work.x[rows].to(device()), work.y[rows].to(device()),
+        grads = shard_gradients(model, to_device(take(work.x, rows), device()),
+                                work.y[rows].to(device()),
                                 projector, chunk_rows(parameter_count(model),
-                                                      config.gradients.memory_mb))
+                                                      config.gradients.memory_mb),
+                                row_cost(config, job.split))
     else:
         ids, grads = utility_gradient_rows(run, config, work, model, job.start, job.stop,
                                            device())
