@@ -32,6 +32,7 @@ def require_transformers(purpose: str) -> ModuleType:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     return transformers
 
 
