@@ -428,6 +428,9 @@ class Config(Section):
             if own:
                 raise ValueError(f"task.loss: estimators {own} differentiate the cross-entropy "
                                  "themselves; drop them or task.loss")
+            if self.train.models > 1:
+                raise ValueError("task.loss needs train.models 1 (the ensemble members' "
+                                 "gradients are of the cross-entropy)")
         if self.task.measurement != "loss" and self.targets.utility != "loss":
             raise ValueError("task.measurement replaces the per-sample loss of targets.utility "
                              "loss; it can't be combined with another utility")

@@ -7,6 +7,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from estimators.per_sample import parameter_count
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import (
     CheckpointRecord,
@@ -144,6 +145,8 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
             records = [r for member in range(config.train.models)
                        for r in _train_and_capture(run, config, work, rec, epochs, member)]
         write_checkpoint_index(run.checkpoints_dir, records)
+        rec.metric("trainable_parameters", parameter_count(work.factory()))
+        rec.metric("attributed_parameters", parameter_count(work.attributed()))
         last = [r for r in records if r.model == 0][-1]
         final = work.factory()
         final.load_state_dict(load_state_dict(last.path, last.sha256))

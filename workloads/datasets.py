@@ -133,6 +133,10 @@ def load_parquet(
         raise BadInput(f"data file {path} lacks feature columns {missing}")
     if not features:
         raise BadInput(f"data file {path} has no feature columns")
+    lists = [c for c in features if _is_list(table.schema.field(c).type)]
+    stray = sorted(set(shapes or {}) - set(lists))
+    if stray:
+        raise BadInput(f"data.shapes names {stray}, not list columns of {path}")
     inputs = _input_columns(table, features, path, {**_metadata_shapes(table), **(shapes or {})})
     label = table[label_column].to_numpy(zero_copy_only=False)
     if not np.issubdtype(label.dtype, np.integer):
@@ -262,8 +266,9 @@ def _list_input(
 
 
 def _padded_tokens(values: pa.Array, lengths: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Rows of an integer list column of different lengths, padded with 0 to the longest."""
     inner = values.flatten()
-    if _is_list(inner.type) or inner.null_count:
+    if inner.null_count:
         raise BadInput(f"list column {name!r} in {path} must hold lists of numbers")
     flat = inner.to_numpy(zero_copy_only=False).astype(np.int64)
     out = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)

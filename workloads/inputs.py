@@ -44,22 +44,27 @@ def model_inputs(inputs: Mapping[str, Tensor]) -> Inputs:
 
 def call_model(model: nn.Module, batch: Inputs) -> Tensor:
     """``model(x)`` for one input column (a tensor or a one-entry mapping), ``model(**batch)``
-    for several; the logits (m, C)."""
+    for several; the logits (m, C) (an output with a ``logits`` attribute, as Hugging Face's
+    ``ModelOutput``, gives that)."""
     if isinstance(batch, Tensor):
-        return model(batch)
+        return _logits(model(batch))
     if len(batch) == 1:
-        return model(next(iter(batch.values())))
-    return model(**batch)
+        return _logits(model(next(iter(batch.values()))))
+    return _logits(model(**batch))
 
 
 def call_functional(model: nn.Module, tensors: Any, batch: Inputs) -> Tensor:
     """``call_model`` through ``torch.func.functional_call`` with parameters/buffers
     ``tensors`` (a dict or a tuple of dicts)."""
     if isinstance(batch, Tensor):
-        return functional_call(model, tensors, (batch,))
+        return _logits(functional_call(model, tensors, (batch,)))
     if len(batch) == 1:
-        return functional_call(model, tensors, (next(iter(batch.values())),))
-    return functional_call(model, tensors, (), dict(batch))
+        return _logits(functional_call(model, tensors, (next(iter(batch.values())),)))
+    return _logits(functional_call(model, tensors, (), dict(batch)))
+
+
+def _logits(out: Any) -> Tensor:
+    return out if isinstance(out, Tensor) else out.logits
 
 
 def num_rows(batch: Inputs) -> int:

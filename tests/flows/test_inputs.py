@@ -8,12 +8,19 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import yaml
 from sklearn.datasets import load_digits
 
+from estimators.per_sample import per_sample_gradients
+from estimators.targets import MarginTarget
 from flows.cli import main
-from storage.gradient_shards import read_shard_meta
+from storage.checkpoints import load_state_dict, read_checkpoint_index
+from storage.gradient_shards import read_gradient_shard, read_shard_meta
 from storage.store import Store
+from tasks.config import load_resolved_config
+from tasks.workload import load_workload
+from workloads.inputs import take
 
 N = 300
 TINY = {"train": {"epochs": 3, "checkpoints": 2}, "prune": {"by": "tracin", "seeds": 1},
@@ -61,6 +68,7 @@ def test_fixed_size_list_images_with_attributed_modules(tmp_path) -> None:
         "data": {"path": str(tmp_path / "images.parquet"), "shapes": {"image": [1, 8, 8]},
                  "noise": 0.2},
         "model": {"name": "cnn", "modules": ["3", "7"]},  # second conv and the head
+        "task": {"measurement": "margin"},
         "estimators": ["loss", "ip", "tracin", "if_exact"],
     })
     meta = json.loads(pq.read_schema(run.samples).metadata[b"inputs"])
@@ -72,6 +80,18 @@ def test_fixed_size_list_images_with_attributed_modules(tmp_path) -> None:
         scores = pq.read_table(run.scores_dir(estimator, "val_loss") / "part-0.parquet")
         assert np.isfinite(scores["score"].to_numpy()).all()
         assert scores.num_rows == 180
+    # the stored val rows are gradients of the measurement (minus the margin), train rows of
+    # the cross-entropy, both over the attributed parameters only
+    config = load_resolved_config(run.config)
+    work = load_workload(run, config)
+    record = read_checkpoint_index(run.checkpoints_dir)[0]
+    model = work.attributed()
+    model.load_state_dict(load_state_dict(record.path, record.sha256))
+    for split, cost in (("val", MarginTarget().cost), ("train", None)):
+        ids, stored = read_gradient_shard(run.gradients_dir(0, split) / "part-0.parquet")
+        rows = work.rows(split)[: len(ids)]
+        expected = per_sample_gradients(model.eval(), take(work.x, rows), work.y[rows], cost=cost)
+        torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_several_input_columns_by_keyword(tmp_path, monkeypatch) -> None:

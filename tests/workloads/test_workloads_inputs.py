@@ -98,6 +98,8 @@ def test_a_recorded_shape_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [[1.0] * 6, [2.0] * 6], "label": [0, 1]}), tmp_path / "x.pq")
     with pytest.raises(BadInput, match=r"can't be read as shape \(1, 2, 2\)"):
         _load(tmp_path / "x.pq", shapes={"x": (1, 2, 2)})
+    with pytest.raises(BadInput, match=r"data.shapes names \['y'\], not list columns"):
+        _load(tmp_path / "x.pq", shapes={"y": (6,)})
 
 
 class TwoInputs(nn.Module):
@@ -129,6 +131,20 @@ def test_several_columns_call_the_model_by_keyword_and_train() -> None:
     train(model, batch, y, Recipe(epochs=20, batch_size=4, lr=0.1), seed=0)
     assert F.cross_entropy(call_model(model, batch), y).item() < before
     assert model_inputs({"only": y}) is y  # one column: the tensor itself
+
+    class Output:  # like Hugging Face's ModelOutput
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens, dense):
+            return Output(self.inner(tokens=tokens, dense=dense))
+
+    torch.testing.assert_close(call_model(Wrapped(), batch), call_model(model, batch))
 
 
 def test_per_sample_gradients_of_several_columns_match_a_loop() -> None:

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from estimators.per_sample import parameter_count, parameter_order, per_sample_gradients
+from estimators.targets import MarginTarget
+from estimators.trak import margins
 from storage.errors import BadInput
+from tasks.config import load_config
 from workloads.task import attributed_factory, attributed_names, resolve_hook, training_loss
 
 
@@ -66,3 +69,39 @@ def test_hooks_resolve_or_fail_in_one_line() -> None:
         training_loss("no_such_mod:f")
     with pytest.raises(BadInput, match="has no callable 'nope'"):
         resolve_hook("torch:nope", "task.measurement")
+
+
+def test_margin_measurement_is_minus_the_trak_margin() -> None:
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.testing.assert_close(MarginTarget().cost(logits, y), -margins(logits, y).sum())
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["task.loss=torch.nn.functional:cross_entropy"],
+     "task.loss: estimators ['loss', 'if_exact'] differentiate the cross-entropy themselves"),
+    (["task.measurement=margin", "targets.utility=robustness"],
+     "task.measurement replaces the per-sample loss"),
+    (["task.loss=no colon"], "task.loss: String should match pattern"),
+    (["task.loss=m:f", "estimators=[ip]", "prune.by=ip", "train.models=2"],
+     "task.loss needs train.models 1"),
+])
+def test_hook_config_is_checked(sets, needle) -> None:
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        load_config(None, sets)
+
+
+def test_vmap_route_differentiates_only_the_attributed_parameters() -> None:
+    torch.manual_seed(3)
+    full = _net().eval()
+    state = full.state_dict()
+
+    def factory() -> nn.Module:
+        model = _net()
+        model.load_state_dict(state)
+        return model
+
+    chosen = attributed_factory(factory, ["0"])().eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    ce = torch.nn.functional.cross_entropy  # a cost: the torch.func route
+    selected = per_sample_gradients(chosen, x, y, cost=ce)
+    torch.testing.assert_close(selected, per_sample_gradients(full, x, y, cost=ce)[:, :25])
