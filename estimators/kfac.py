@@ -258,7 +258,12 @@ class EKFACInfluence(Estimator):
     fit, Lambda fit, scoring) plus one over the target rows, in chunks of ``ctx.batch_size``;
     eigendecompositions O(p^3 + o^3) per module; scoring O(n * T * (o p (o + p))) per module.
     Memory O(p^2 + o^2 + o p) per module plus one chunk's per-example gradients (B, o, p);
-    ``pairwise`` holds m preconditioned target gradients (m, o, p) per module.
+    ``pairwise`` holds the preconditioned gradients (m, o, p) per module of at most
+    ``target_memory_mb`` worth of target rows (or ``target_rows`` rows) at a time: when all m
+    fit, one pass over the train rows scores them all; otherwise the targets go in chunks that
+    fit (the factors fitted once and reused), each chunk scored by one pass over the train rows
+    (kronfluence's query batching), and the (n, m) float64 scores are gathered on the host
+    before they stream out.
 
     Excluded parameters (see module docstring) are listed in ``excluded_parameters`` after a call.
     No stored gradients are used: per-example gradients come from forward hooks.
@@ -273,6 +278,8 @@ class EKFACInfluence(Estimator):
         damping: float | None = None,
         sample_labels: bool = True,
         max_samples: int | None = None,
+        target_memory_mb: int = 2048,
+        target_rows: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -283,7 +290,12 @@ class EKFACInfluence(Estimator):
         self.kind = kind
         self.damping = damping
         self.sample_labels = sample_labels
+        if target_memory_mb < 1 or (target_rows is not None and target_rows < 1):
+            raise ValueError("target_memory_mb and target_rows must be >= 1, got "
+                             f"{target_memory_mb}, {target_rows}")
+        self.target_rows = target_rows
         self.max_samples = max_samples
+        self.target_memory_mb = target_memory_mb
         self.excluded_parameters: list[str] = []
         """Trainable parameters outside the supported modules (no contribution to scores)."""
         self.module_damping: dict[str, float] = {}
@@ -372,11 +384,13 @@ class EKFACInfluence(Estimator):
         blocks: list[KroneckerBlock],
         eigens: list[_Eigen],
         per_row: bool,
+        rows_of: slice = slice(None),
     ) -> list[torch.Tensor]:
         """Preconditioned target gradients in the eigenbasis, per block: ``G'_V / D`` (1, o, p),
-        or with ``per_row`` one per target row (m, o, p)."""
+        or with ``per_row`` one per target row (m, o, p) of the target rows ``rows_of``."""
         target = ctx.target
-        m = num_rows(ctx.target_x)
+        target_x, target_y = take(ctx.target_x, rows_of), ctx.target_y[rows_of]
+        m = num_rows(target_x)
         if m == 0:
             raise ValueError("if_ekfac needs at least one target row")
         if per_row and not target.decomposable:
@@ -387,9 +401,8 @@ class EKFACInfluence(Estimator):
         parts: list[list[torch.Tensor]] = [[] for _ in blocks]
         for start in range(0, m, step):
             rows = slice(start, start + step)
-            captured = _capture(
-                model, blocks, take(ctx.target_x, rows), ctx.target_y[rows], target.cost
-            )
+            captured = _capture(model, blocks, take(target_x, rows), target_y[rows],
+                                target.cost)
             for k, (a, s) in enumerate(captured):
                 g = _rotated(eigens[k], a, s)
                 parts[k].append(g if per_row else g.sum(dim=0, keepdim=True))
@@ -444,12 +457,41 @@ class EKFACInfluence(Estimator):
         n). Needs a decomposable target."""
         model, blocks = self._setup(ctx)
         eigens = self._factors(ctx, model, blocks)
-        targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
         m = num_rows(ctx.target_x)
-        target_ids = np.arange(m) if ctx.target_ids is None else ctx.target_ids
-        scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
-        return PairwiseStream(np.asarray(target_ids, dtype=np.int64),
-                              ((ids, score) for ids, score, _ in scored))
+        target_ids = np.asarray(np.arange(m) if ctx.target_ids is None else ctx.target_ids,
+                                dtype=np.int64)
+        chunk = self.target_chunk(eigens)
+        if chunk >= m:
+            targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
+            scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
+            return PairwiseStream(target_ids, ((ids, score) for ids, score, _ in scored))
+        return PairwiseStream(target_ids, self._chunked_targets(ctx, model, blocks, eigens,
+                                                                chunk))
+
+    def target_chunk(self, eigens: list[_Eigen]) -> int:
+        """``target_rows``, or the target rows whose preconditioned gradients (float64, o * p
+        per module) fit ``target_memory_mb`` (at least 1)."""
+        if self.target_rows is not None:
+            return self.target_rows
+        per_row = 8 * sum(e.q_s.shape[0] * e.q_a.shape[0] for e in eigens)
+        return max(1, self.target_memory_mb * 2**20 // per_row)
+
+    def _chunked_targets(
+        self, ctx: ScoringContext, model: nn.Module, blocks: list[KroneckerBlock],
+        eigens: list[_Eigen], chunk: int,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Target chunks outer, one pass over the train rows each; blocks of the gathered
+        (n, m) scores (host memory), in train order."""
+        m, columns, ids = num_rows(ctx.target_x), [], None
+        for start in range(0, m, chunk):
+            targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True,
+                                           rows_of=slice(start, start + chunk))
+            parts = list(self._train_blocks(ctx, model, blocks, eigens, targets, False))
+            ids = [part[0] for part in parts]
+            columns.append([part[1].cpu() for part in parts])
+            del targets
+        for b, block_ids in enumerate(ids or []):
+            yield block_ids, torch.cat([col[b] for col in columns], dim=1)
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores of every train row against every single target row (``ctx.target_x``):

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from estimators.base import Attribution, Checkpoint, Estimator, Needs, ScoringContext
+from estimators.factorized import FactorizedProjector
 from estimators.per_sample import parameter_count, parameter_order
 from estimators.projection import KINDS, ProjectionKind, Projector
 from estimators.targets import SummedLoss
@@ -79,7 +80,10 @@ def margin_gradients(
 class TRAK(Estimator):
     """TRAK scores against the target's summed margin (spec section 5).
 
-    Options: ``k`` projection dimension (default 512); ``kind`` "rademacher" or "gaussian";
+    Options: ``k`` projection dimension (default 512); ``kind`` "rademacher", "gaussian" or
+    "factorized" (LoGra's per-layer Kronecker projection, ``estimators.factorized``, with
+    ``k_in`` x ``k_out`` per layer and Rademacher entries: the margin gradients are never
+    formed, and ``k`` is then the factorized width, not capped);
     ``regularization`` r, the kernel ridge ``lambda = r * trace(Phi^T Phi) / k`` (default 1e-6,
     relative, so the result does not depend on the feature scale); ``checkpoints`` "final"
     (one member per trained model: ``ctx.checkpoints`` and each of ``ctx.extra_models``) or
@@ -118,16 +122,19 @@ class TRAK(Estimator):
     def __init__(
         self,
         k: int = 512,
-        kind: ProjectionKind = "rademacher",
+        kind: ProjectionKind | Literal["factorized"] = "rademacher",
         regularization: float = 1e-6,
         checkpoints: Literal["final", "all"] = "final",
         chunk_size: int = 256,
         max_rows: int = 2**16,
+        k_in: int = 32,
+        k_out: int = 16,
     ) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
+        if k < 1 or k_in < 1 or k_out < 1:
+            raise ValueError(f"k, k_in and k_out must be >= 1, got {k}, {k_in}, {k_out}")
+        if kind not in (*KINDS, "factorized"):
+            raise ValueError(f"unknown projection kind {kind!r}; expected one of "
+                             f"{(*KINDS, 'factorized')}")
         if regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
         if checkpoints not in ("final", "all"):
@@ -140,6 +147,7 @@ class TRAK(Estimator):
         self.checkpoints = checkpoints
         self.chunk_size = chunk_size
         self.max_rows = max_rows
+        self.k_in, self.k_out = k_in, k_out
         self.needs = Needs(checkpoints=checkpoints, model=True, models=True)
         self.metadata: dict[str, Any] = {}
         """Filled by the last ``score``/``pairwise``: k used, lambdas, projector metadata."""
@@ -182,7 +190,7 @@ class TRAK(Estimator):
         members = self.members(ctx)
         tau_sum = q_sum = lev_sum = None
         self.metadata = {"method": self.name, "members": [], "convention": "positive=beneficial"}
-        projectors: dict[int, Projector | None] = {}
+        projectors: dict[int, Projector | FactorizedProjector | None] = {}
         for model_id, ckpt in members:
             model = ctx.model_at(ckpt)
             if model_id not in projectors:
@@ -196,23 +204,33 @@ class TRAK(Estimator):
         count = len(members)
         return tau_sum / count, q_sum / count, lev_sum / count
 
-    def _projector(self, ctx: ScoringContext, model: nn.Module, model_id: int) -> Projector | None:
+    def _projector(self, ctx: ScoringContext, model: nn.Module,
+                   model_id: int) -> Projector | FactorizedProjector | None:
         """Projector of one trained model, or None when the exact gradients are small enough."""
+        if self.kind == "factorized":
+            return FactorizedProjector.for_model(model, self.k_in, self.k_out, ctx.seed,
+                                                 model_id=model_id, block_rows=self.chunk_size)
         d, n = parameter_count(model), num_rows(ctx.train_x)
         k_eff = min(self.k, max(1, n // 2))
         if d <= k_eff:
             return None
+        precision = "float64" if next(model.parameters()).dtype == torch.float64 else "float32"
         return Projector.for_model(
-            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows
+            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows,
+            precision=precision,
         )
 
     def _features(
-        self, model: nn.Module, projector: Projector | None, x: Inputs, y: torch.Tensor
+        self, model: nn.Module, projector: Projector | FactorizedProjector | None,
+        x: Inputs, y: torch.Tensor,
     ) -> torch.Tensor:
         """phi rows (m, k): projected margin gradients / sqrt(d), or the gradients themselves."""
         d = parameter_count(model)
         dtype = next(model.parameters()).dtype
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if isinstance(projector, FactorizedProjector):
+            phi = projector.features(model, x, y, cost=margins, dtype=out_dtype)
+            return phi * math.sqrt(projector.k / d)
         rows = max(1, min(self.chunk_size, 2**27 // d))
         pieces = []
         for start in range(0, y.shape[0], rows):
@@ -226,14 +244,16 @@ class TRAK(Estimator):
 
     @staticmethod
     def _map(
-        projector: Projector | None, g: torch.Tensor, d: int, out_dtype: torch.dtype
+        projector: Projector | FactorizedProjector | None, g: torch.Tensor, d: int,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         if projector is None:
             return g.to(out_dtype)
         return projector.project(g, dtype=out_dtype) * math.sqrt(projector.k / d)
 
     def _target_features(
-        self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
+        self, ctx: ScoringContext, model: nn.Module,
+        projector: Projector | FactorizedProjector | None, pairwise: bool
     ) -> torch.Tensor:
         """Target features (k, 1) summed, or (k, n_targets) per row, float64."""
         x, y = to_device(ctx.target_x, ctx.device), ctx.target_y.to(ctx.device)
@@ -253,7 +273,8 @@ class TRAK(Estimator):
         return phi.to(torch.float64).T
 
     def _member(
-        self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
+        self, ctx: ScoringContext, model: nn.Module,
+        projector: Projector | FactorizedProjector | None, pairwise: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """One member's tau (n, 1 or n_targets), Q (n,), leverage (n,) (all float64)."""
         x, y = to_device(ctx.train_x, ctx.device), ctx.train_y.to(ctx.device)

@@ -159,10 +159,38 @@ class TrainConfig(Section):
         return v
 
 
+class ProjectionSpec(Section):
+    """``gradients.projection`` as a mapping: a dense kind with ``k``, or ``factorized`` (LoGra,
+    ``estimators.factorized``) with ``k_in`` x ``k_out`` per layer, entries ``entries``."""
+
+    kind: Literal["rademacher", "gaussian", "factorized"] = "rademacher"
+    k: int | None = Field(None, ge=1)
+    k_in: int | None = Field(None, ge=1)
+    k_out: int | None = Field(None, ge=1)
+    entries: Literal["rademacher", "gaussian"] = "rademacher"
+    precision: Literal["float32", "tf32", "bfloat16"] = Field(
+        "float32", description="dense kinds: the product's operands (tf32 on CUDA only)")
+
+    @model_validator(mode="after")
+    def _sizes_of_the_kind(self) -> ProjectionSpec:
+        if self.kind == "factorized":
+            if self.k_in is None or self.k_out is None or self.k is not None:
+                raise ValueError("projection kind factorized takes k_in and k_out (not k)")
+        elif self.k is None or self.k_in is not None or self.k_out is not None:
+            raise ValueError(f"projection kind {self.kind} takes k (not k_in/k_out)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How shards and tracking name this projection."""
+        return "factorized" if self.kind == "factorized" else self.kind
+
+
 class GradientsConfig(Section):
     shard_size: int = Field(512, ge=1)
-    projection: int | None = Field(
-        None, ge=1, description="store gradients randomly projected to this many dimensions"
+    projection: int | ProjectionSpec | None = Field(
+        None, description="store gradients randomly projected: k (dense, of projection_kind) "
+        "or {kind: rademacher|gaussian, k} or {kind: factorized, k_in, k_out}"
     )
     projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
     memory_mb: int = Field(
@@ -171,6 +199,29 @@ class GradientsConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="stored precision; readers return float32 (16-bit: half the bytes)"
     )
+
+    @field_validator("projection", mode="before")
+    @classmethod
+    def _one_form(cls, v: Any) -> Any:
+        """A mapping is a ``ProjectionSpec`` (its own error, not the int branch's)."""
+        if isinstance(v, dict):
+            try:
+                return ProjectionSpec.model_validate(v)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("projection k must be >= 1")
+        return v
+
+    @property
+    def projection_spec(self) -> ProjectionSpec | None:
+        """The projection as a ``ProjectionSpec`` (an int k means ``{kind: projection_kind,
+        k}``), or None for unprojected gradients."""
+        if isinstance(self.projection, int):
+            return ProjectionSpec(kind=self.projection_kind, k=self.projection)
+        return self.projection
 
 
 class EstimatorSpec(BaseModel):

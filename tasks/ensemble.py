@@ -21,10 +21,10 @@ import torch
 from prefect import get_run_logger
 
 from estimators.base import Checkpoint, Estimator, ScoringContext
+from estimators.factorized import make_projector
 from estimators.gradient_source import InMemoryGradients
 from estimators.model_ensemble import GradientsFor, ModelEnsemble, averages_over_models
 from estimators.per_sample import per_sample_gradients
-from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.gradient_shards import STORED_DTYPES
 from tasks.config import Config
@@ -152,10 +152,10 @@ class _StoredForm:
     kind as model 0's), rounded to ``gradients.dtype``, float32; targets projected in float64."""
 
     def __init__(self, config: Config, ctx: ScoringContext) -> None:
-        k, kind = config.gradients.projection, config.gradients.projection_kind
+        spec = config.gradients.projection_spec
         self.stored = STORED_DTYPES[config.gradients.dtype]
-        self.projector = (Projector.for_model(ctx.model_factory(), k, seed=config.seed,
-                                              kind=kind) if k else None)
+        self.projector = (make_projector(ctx.model_factory(), spec, config.seed)
+                          if spec is not None else None)
 
     def rows(self, g: torch.Tensor) -> torch.Tensor:
         if self.projector is not None:
