@@ -82,8 +82,9 @@ def load_tweets(
 ) -> Samples:
     """A seeded subsample of ``n`` tweets as ``Samples``: input columns ``input_ids`` and
     ``attention_mask`` (``workloads.text.tokenize`` with the tokenizer folder ``tokenizer``,
-    None: MiniLM's), sample_id = the corpus row, the clean label = the label, and the
-    ``confidence`` and ``text`` annotations kept in the samples table."""
+    None: MiniLM's), sample_id = the corpus row, no known clean label or corruption (the
+    noise is the annotators'), and the ``confidence`` and ``text`` annotations kept in the
+    samples table."""
     tweets = subsample(read_tweets(), n, seed)
     inputs = tokenize(tweets.text, load_tokenizer(tokenizer), max_length)
     label = tweets.label
@@ -94,8 +95,8 @@ def load_tweets(
         split=assign_splits(len(label), fractions, seed),
         num_classes=len(SENTIMENTS),
         input_shape=inputs["input_ids"].shape[1:],
-        clean_label=label.copy(),
-        corrupted=np.zeros(len(label), dtype=bool),
+        clean_label=None,
+        corrupted=None,
         annotations={"confidence": tweets.confidence,
                      "text": np.asarray(tweets.text, dtype=object)},
     )
