@@ -21,11 +21,13 @@ def print_confidence(console: Console, result: dict | None) -> None:
     for name, e in result["estimators"].items():
         table.add_row(name, f"{e['low_in_harmful']}/{e['harmful']}",
                       f"{100 * e['rate_harmful']:.1f}", f"{100 * e['base_rate']:.1f}",
-                      f"x{e['enrichment']:.2f}", f"{e['p_value']:.2g}")
+                      "–" if e["enrichment"] is None else f"x{e['enrichment']:.2f}",
+                      f"{e['p_value']:.2g}")
     console.print(table)
     arms = Table(title=f"retrained test accuracy % (mean ± sd, ddof=1), {q} removed")
     for column in ("arm", "accuracy %", "seeds"):
         arms.add_column(column, justify="left" if column == "arm" else "right")
     for arm, a in result["accuracy"].items():
-        arms.add_row(arm, f"{100 * a['mean']:.2f} ± {100 * a['sd']:.2f}", str(a["seeds"]))
+        sd = "–" if a["sd"] is None else f"{100 * a['sd']:.2f}"
+        arms.add_row(arm, f"{100 * a['mean']:.2f} ± {sd}", str(a["seeds"]))
     console.print(arms)

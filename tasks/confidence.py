@@ -43,7 +43,7 @@ class Enrichment:
     low_in_harmful: int
     rate_harmful: float
     base_rate: float
-    enrichment: float
+    enrichment: float | None  # None when the base rate is 0
     p_value: float
 
 
@@ -56,13 +56,13 @@ def enrichment(score: np.ndarray, sample_id: np.ndarray, low: np.ndarray,
     base = float(low.mean())
     rate = hits / count
     p = float(hypergeom.sf(hits - 1, len(low), int(low.sum()), count))
-    return Enrichment(count, hits, rate, base, rate / base if base > 0 else float("nan"), p)
+    return Enrichment(count, hits, rate, base, rate / base if base > 0 else None, p)
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; NaN for one value)."""
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for one value)."""
     v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def has_confidence(run: RunPaths) -> bool:
@@ -95,17 +95,18 @@ def confidence_stage(
             e = enrichment(table["score"].to_numpy(), ids, low, count)
             result["estimators"][spec.name] = asdict(e)
             rec.metric("low_confidence_rate", e.rate_harmful, estimator=spec.name)
-            rec.metric("low_confidence_enrichment", e.enrichment, estimator=spec.name)
+            if e.enrichment is not None:
+                rec.metric("low_confidence_enrichment", e.enrichment, estimator=spec.name)
             log.info("confidence: %s: %d/%d of the most harmful have confidence < %.2f "
-                     "(%.1f%% vs base rate %.1f%%, x%.2f, p=%.2g)", spec.name, e.low_in_harmful,
+                     "(%.1f%% vs base rate %.1f%%, p=%.2g)", spec.name, e.low_in_harmful,
                      e.harmful, LOW_CONFIDENCE, 100 * e.rate_harmful, 100 * e.base_rate,
-                     e.enrichment, e.p_value)
+                     e.p_value)
         for arm, values in accuracy.items():
             mean, sd = mean_sd(values)
             result["accuracy"][arm] = {"mean": mean, "sd": sd, "seeds": len(values)}
-            log.info("confidence: test accuracy %s %.2f ± %.2f %% (%d seeds, sd ddof=1)", arm,
-                     100 * mean, 100 * sd, len(values))
+            log.info("confidence: test accuracy %s %.2f%% (sd %s, %d seeds, ddof=1)", arm,
+                     100 * mean, "–" if sd is None else f"{100 * sd:.2f}", len(values))
         path = run.dir / "confidence.json"
-        write_text_atomic(json.dumps(result, indent=2), path)
+        write_text_atomic(json.dumps(result, indent=2, allow_nan=False), path)
         rec.artifact(path)
     return result

