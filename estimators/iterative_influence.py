@@ -3,7 +3,9 @@
 All three approximate ``s = (C + (wd + damping) I)^{-1} g_V`` with C the GGN (default, PSD) or
 the exact Hessian of the mean training cross-entropy at theta_final, evaluated on the training
 set ``ctx.train_x/train_y`` (all rows, or a fixed seeded subset of ``hvp_batch`` rows) through
-Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. As for
+Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. ``damping``
+None (the default): 0.1 x the mean eigenvalue of C, estimated by Hutchinson probes
+(``estimators.damping``); a number: that absolute value. As for
 ``ExactInfluence``: ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss
 U (positive = beneficial, units of target loss times n). ``wd`` is ``ctx.weight_decay`` (lam in
 ``mean loss + (lam/2)||theta||^2``); ``damping`` is the extra lambda of spec section 13.
@@ -15,6 +17,7 @@ returns (train ids (n,), target ids (m,), scores (n, m) float64).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from estimators.base import (
     PairwiseVectors,
     ScoringContext,
 )
+from estimators.damping import check_damping, mean_eigenvalue, resolve
 from estimators.hvp import MatVec, curvature_operator, power_iteration
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
@@ -43,7 +47,8 @@ _SUBSET_STREAM = 0x48
 
 @dataclass
 class _Problem:
-    """The damped curvature operator ``A = C + shift * I`` of one scoring call."""
+    """The damped curvature operator ``A = C + shift * I`` of one scoring call (``undamped``:
+    C alone)."""
 
     model: nn.Module
     x: torch.Tensor
@@ -51,6 +56,7 @@ class _Problem:
     d: int
     shift: float
     operator: MatVec
+    undamped: MatVec
 
 
 def conjugate_gradient(
@@ -210,16 +216,19 @@ class _IterativeInfluence(Estimator):
 
     needs = Needs(checkpoints="final", gradients=True, model=True, full_gradients=True)
 
-    def __init__(self, curvature: Curvature, damping: float, hvp_batch: int | None) -> None:
+    def __init__(
+        self, curvature: Curvature, damping: float | None, hvp_batch: int | None
+    ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        check_damping(damping)
         if hvp_batch is not None and hvp_batch < 1:
             raise ValueError(f"hvp_batch must be >= 1 or None, got {hvp_batch}")
         self.curvature = curvature
         self.damping = damping
         self.hvp_batch = hvp_batch
+        self.damping_used: float | None = None
+        """The damping of the last call (``damping``, or the relative default), without wd."""
 
     def _problem(self, ctx: ScoringContext) -> _Problem:
         model = ctx.model_at(ctx.final)
@@ -231,9 +240,17 @@ class _IterativeInfluence(Estimator):
             rng = np.random.default_rng([ctx.seed, _SUBSET_STREAM])
             keep = torch.from_numpy(np.sort(rng.choice(n, self.hvp_batch, replace=False)))
             x, y = x[keep.to(x.device)], y[keep.to(y.device)]
-        shift = ctx.weight_decay + self.damping
-        operator = curvature_operator(model, x, y, kind=self.curvature, shift=shift)
-        return _Problem(model, x, y, parameter_count(model), shift, operator)
+        d = parameter_count(model)
+        undamped = curvature_operator(model, x, y, kind=self.curvature)
+        self.damping_used = resolve(
+            self.damping, lambda: mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device)
+        )
+        shift = ctx.weight_decay + self.damping_used
+
+        def operator(v: torch.Tensor) -> torch.Tensor:
+            return undamped(v) + shift * v
+
+        return _Problem(model, x, y, d, shift, operator, undamped)
 
     @abstractmethod
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
@@ -287,7 +304,7 @@ class ConjugateGradientInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         rtol: float = 1e-6,
         maxiter: int = 200,
         hvp_batch: int | None = None,
@@ -334,7 +351,7 @@ class LissaInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         depth: int = 1000,
         batch: int = 128,
         repeat: int = 1,
@@ -391,12 +408,25 @@ class LissaInfluence(_IterativeInfluence):
         return solve
 
 
+DEFAULT_ITERATIONS = 300
+"""``if_arnoldi``'s default Krylov dimension (capped at d)."""
+
+
+def _digest(problem: _Problem) -> str:
+    """sha256 of the model's parameters and the curvature rows of ``problem``."""
+    digest = hashlib.sha256()
+    tensors = [*problem.model.state_dict().values(), problem.x, problem.y]
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ArnoldiInfluence(_IterativeInfluence):
     """Influence function on the top eigenspace of the curvature, found by Arnoldi.
 
-    ``n_iter`` curvature products (default min(d, 100)) from a seeded (ctx.seed) random unit
+    ``n_iter`` curvature products (default min(d, 300)) from a seeded (ctx.seed) random unit
     vector with full re-orthogonalization span a Krylov space of the undamped curvature C; the
-    top ``rank`` (default 50) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept and
+    top ``rank`` (default None: all) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept and
     ``score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + wd + damping)``. With
     ``n_iter = rank = d`` this is the exact damped solve; otherwise the low-curvature directions
     are dropped (they contribute 0, not 1/(wd + damping)). ``suspicion(z) = sum_i (g_z . u_i)^2 /
@@ -410,32 +440,36 @@ class ArnoldiInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         n_iter: int | None = None,
-        rank: int = 50,
+        rank: int | None = None,
         hvp_batch: int | None = None,
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
         if n_iter is not None and n_iter < 1:
             raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.n_iter = n_iter
         self.rank = rank
+        self._cached: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _eigenpairs(
         self, ctx: ScoringContext, problem: _Problem
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature."""
-        n_iter = min(problem.d, 100 if self.n_iter is None else self.n_iter)
-
-        undamped = curvature_operator(problem.model, problem.x, problem.y, kind=self.curvature)
+        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for the
+        next call on the same model and rows (``score`` then ``pairwise`` run Arnoldi once)."""
+        n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
+        key = (n_iter, self.rank, self.curvature, ctx.seed, _digest(problem))
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1], self._cached[2]
         values, vectors = arnoldi_eigenpairs(
-            undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
+            problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
         )
         keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
         if keep.numel() == 0:
             raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
+        self._cached = (key, values[keep], vectors[:, keep])
         return values[keep], vectors[:, keep]
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import Attribution, Estimator, Needs, PairwiseStream, ScoringContext
+from estimators.damping import check_damping, resolve
 from estimators.per_sample import parameter_order
 
 Kind = Literal["ekfac", "kfac"]
@@ -275,8 +276,7 @@ class EKFACInfluence(Estimator):
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-        if damping is not None and damping < 0:
-            raise ValueError(f"damping must be >= 0 or None, got {damping}")
+        check_damping(damping)
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.kind = kind
@@ -354,7 +354,7 @@ class EKFACInfluence(Estimator):
             lambdas = [lam / len(rows) for lam in lambdas]
         self.module_damping = {}
         for block, eig, lam in zip(blocks, eigens, lambdas, strict=True):
-            damping = self.damping if self.damping is not None else 0.1 * float(lam.mean())
+            damping = resolve(self.damping, lambda lam=lam: float(lam.mean()))
             denom = lam + (damping + ctx.weight_decay)
             eig.inverse = torch.where(denom > 0, 1 / denom.clamp(min=1e-300), 0.0)
             eig.damping = damping
