@@ -99,6 +99,71 @@ def conjugate_gradient(
     return solution, iterations, worst
 
 
+BLOCK_MEMORY_BYTES = 2**30
+"""Largest basis (Krylov vectors and their images, float64) ``block_conjugate_gradient`` keeps;
+beyond it the solve falls back to column-wise ``conjugate_gradient``."""
+
+
+def block_conjugate_gradient(
+    matmat: MatVec, rhs: torch.Tensor, rtol: float = 1e-6, maxiter: int = 200
+) -> tuple[torch.Tensor, int, float]:
+    """Solve ``A X = rhs`` for SPD A over one shared block Krylov space (block CG).
+
+    ``rhs`` (d, m). Step k applies A to a block of at most m new orthonormal directions: the
+    residuals of the still-unconverged columns, orthogonalized (twice) against the basis Q, with
+    directions below 1e-12 of the largest dropped (rank-revealing SVD). X is the Galerkin
+    solution ``Q (Q^T A Q)^{-1} Q^T rhs``: in exact arithmetic block CG's iterate, the A-norm
+    error minimizer over the block Krylov space, so every column profits from the directions
+    the others found and the step count is far below column-wise CG's. Column j stops when
+    ``||r_j|| <= rtol * ||rhs_j||``; the solve stops when all have, after ``maxiter`` steps, or
+    when the basis spans R^d. Returns (X (d, m), steps, largest relative residual). Raises
+    ValueError when ``Q^T A Q`` is not positive definite. Memory: the basis and its image, at
+    most ``2 * d * min(d, maxiter * m)`` floats.
+    """
+    d, m = rhs.shape
+    rhs_norm = torch.linalg.vector_norm(rhs, dim=0)
+    scale = torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+    basis = torch.empty(d, 0, dtype=rhs.dtype, device=rhs.device)
+    image = torch.empty_like(basis)
+    factor = torch.empty(0, 0, dtype=rhs.dtype, device=rhs.device)  # Cholesky of Q^T A Q
+    projected = torch.empty(0, m, dtype=rhs.dtype, device=rhs.device)  # Q^T rhs
+    solution, residual = torch.zeros_like(rhs), rhs.clone()
+    relative = torch.linalg.vector_norm(residual, dim=0) / scale
+    active = relative > rtol
+    steps = 0
+    while bool(active.any()) and steps < maxiter and basis.shape[1] < d:
+        block = residual[:, active]
+        for _ in range(2):
+            block = block - basis @ (basis.T @ block)
+        u, sing, _ = torch.linalg.svd(block, full_matrices=False)
+        keep = sing > 1e-12 * float(rhs_norm.max())
+        if not bool(keep.any()):
+            break
+        new = u[:, keep]
+        steps += 1
+        applied = matmat(new)
+        corner = new.T @ applied
+        below = torch.linalg.solve_triangular(factor, basis.T @ applied, upper=False).T
+        tail, info = torch.linalg.cholesky_ex((corner + corner.T) / 2 - below @ below.T)
+        if int(info) != 0:
+            raise ValueError(
+                "block conjugate gradient met non-positive curvature (Q^T A Q not positive "
+                "definite): the damped curvature is not positive definite; increase damping or "
+                "use curvature='ggn'"
+            )
+        zeros = torch.zeros(factor.shape[0], tail.shape[0], dtype=rhs.dtype, device=rhs.device)
+        factor = torch.cat([torch.cat([factor, zeros], 1), torch.cat([below, tail], 1)], 0)
+        basis, image = torch.cat([basis, new], 1), torch.cat([image, applied], 1)
+        projected = torch.cat([projected, new.T @ rhs], 0)
+        coefficients = torch.cholesky_solve(projected, factor)
+        solution = basis @ coefficients
+        residual = rhs - image @ coefficients
+        relative = torch.linalg.vector_norm(residual, dim=0) / scale
+        active = relative > rtol
+    worst = float(relative.max()) if relative.numel() else 0.0
+    return solution, steps, worst
+
+
 def lissa(
     minibatch_operator: Callable[[torch.Tensor], MatVec],
     rhs: torch.Tensor,
@@ -316,8 +381,13 @@ class ConjugateGradientInfluence(_IterativeInfluence):
         self.maxiter = maxiter
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        d = problem.d
+
         def solve(rhs: torch.Tensor) -> torch.Tensor:
-            solution, iterations, residual = conjugate_gradient(
+            block = rhs.shape[1] > 1 and 16 * d * min(d, self.maxiter * rhs.shape[1]) <= (
+                BLOCK_MEMORY_BYTES)
+            method = block_conjugate_gradient if block else conjugate_gradient
+            solution, iterations, residual = method(
                 problem.operator, rhs, self.rtol, self.maxiter
             )
             if residual > self.rtol:
