@@ -20,7 +20,13 @@ from torch.func import functional_call, hessian, jacrev, vmap
 
 from estimators._streaming import gradient_source, linear_pairwise, stream, target_vectors
 from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
-from estimators.damping import check_damping, mean_eigenvalue, resolve
+from estimators.damping import (
+    check_damping,
+    mean_eigenvalue,
+    negative_curvature,
+    relative_damping,
+    resolve,
+)
 from estimators.per_sample import flat_parameters, parameter_count, parameter_order
 
 Curvature = Literal["ggn", "hessian"]
@@ -125,9 +131,9 @@ class ExactInfluence(Estimator):
     ``H_total = curvature + (ctx.weight_decay + damping) * I`` where ``curvature`` is the GGN
     (default, PSD) or the exact Hessian of the mean training loss at theta_final, and
     ``ctx.weight_decay`` is lam in the objective ``mean loss + (lam/2) ||theta||^2``.
-    ``damping`` None (default): 0.1 x the mean eigenvalue of ``curvature`` (trace / d, by the
-    same seeded Hutchinson probes as the matrix-free estimators, so they agree; see
-    ``estimators.damping``); a number: that absolute value (0: the undamped solve).
+    ``damping`` None (default): max(0.1 x the mean eigenvalue of ``curvature``, minus the
+    Hessian's smallest eigenvalue), estimated as the matrix-free estimators do, so they agree
+    (``estimators.damping``); a number: that absolute value (0: the undamped solve).
 
     ``score(z) = g_z . s`` with ``s = H_total^{-1} g_V`` (g_V the summed target-loss gradient),
     so ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` (positive = beneficial, units of target
@@ -171,9 +177,10 @@ class ExactInfluence(Estimator):
                 "iterative/factored estimator."
             )
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
-        self.damping_used = resolve(
-            self.damping, lambda: mean_eigenvalue(lambda v: h @ v, d, ctx.seed, device=h.device)
-        )
+        self.damping_used = resolve(self.damping, lambda: relative_damping(
+            mean_eigenvalue(lambda v: h @ v, d, ctx.seed, device=h.device),
+            negative_curvature(model, ctx.train_x, ctx.train_y, ctx.seed, device=h.device),
+        ))
         factor = damped_cholesky(h, ctx.weight_decay + self.damping_used)
         self._cached = (key, factor, self.damping_used)
         return factor

@@ -4,8 +4,9 @@ All three approximate ``s = (C + (wd + damping) I)^{-1} g_V`` with C the GGN (de
 the exact Hessian of the mean training cross-entropy at theta_final, evaluated on the training
 set ``ctx.train_x/train_y`` (all rows, or a fixed seeded subset of ``hvp_batch`` rows) through
 Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. ``damping``
-None (the default): 0.1 x the mean eigenvalue of C, estimated by Hutchinson probes
-(``estimators.damping``); a number: that absolute value. As for
+None (the default): max(0.1 x the mean eigenvalue of C, minus the Hessian's smallest
+eigenvalue), estimated by Hutchinson probes and Arnoldi (``estimators.damping``); a number:
+that absolute value. As for
 ``ExactInfluence``: ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss
 U (positive = beneficial, units of target loss times n). ``wd`` is ``ctx.weight_decay`` (lam in
 ``mean loss + (lam/2)||theta||^2``); ``damping`` is the extra lambda of spec section 13.
@@ -36,8 +37,14 @@ from estimators.base import (
     PairwiseVectors,
     ScoringContext,
 )
-from estimators.damping import check_damping, mean_eigenvalue, resolve
-from estimators.hvp import MatVec, curvature_operator, power_iteration
+from estimators.damping import (
+    check_damping,
+    mean_eigenvalue,
+    negative_curvature,
+    relative_damping,
+    resolve,
+)
+from estimators.hvp import MatVec, arnoldi_eigenpairs, curvature_operator, power_iteration
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
 
@@ -206,61 +213,6 @@ def lissa(
     return h / scale
 
 
-def arnoldi_eigenpairs(
-    matvec: MatVec,
-    d: int,
-    n_iter: int,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    breakdown_tol: float = 1e-10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of a symmetric operator from ``n_iter`` steps of Arnoldi (Schioppa et al. 2021).
-
-    Starts from a seeded random unit vector; every new Krylov vector is orthogonalized twice
-    against all previous ones (full re-orthogonalization). On breakdown (residual below
-    ``breakdown_tol`` times the largest ``||A q||`` seen) it restarts from a fresh random vector
-    orthogonal to the basis, so ``n_iter = d`` always spans the whole space. The Hessenberg
-    matrix Q^T A Q (n_iter, n_iter) is symmetrized and diagonalized. Returns (eigenvalues (k,),
-    descending; eigenvectors U (d, k), orthonormal columns), k = n_iter. Cost ``n_iter``
-    products, O(d n_iter^2) time and O(d n_iter) memory.
-    """
-    if not 1 <= n_iter <= d:
-        raise ValueError(f"n_iter must be in [1, d={d}], got {n_iter}")
-    gen = torch.Generator().manual_seed(seed)
-
-    def random_unit(basis: torch.Tensor) -> torch.Tensor:
-        q = torch.randn(d, generator=gen, dtype=dtype).to(device)
-        for _ in range(2):
-            q = q - basis @ (basis.T @ q)
-        return q / torch.linalg.vector_norm(q)
-
-    basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
-    hessenberg = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
-    basis[:, 0] = random_unit(basis[:, :0])
-    largest = 0.0
-    for k in range(n_iter):
-        w = matvec(basis[:, k])
-        largest = max(largest, float(torch.linalg.vector_norm(w)))
-        known = basis[:, : k + 1]
-        for _ in range(2):
-            coefficients = known.T @ w
-            hessenberg[: k + 1, k] += coefficients
-            w = w - known @ coefficients
-        if k + 1 == n_iter:
-            break
-        norm = float(torch.linalg.vector_norm(w))
-        if norm <= breakdown_tol * largest:
-            basis[:, k + 1] = random_unit(known)
-        else:
-            hessenberg[k + 1, k] = norm
-            basis[:, k + 1] = w / norm
-    symmetric = (hessenberg + hessenberg.T) / 2
-    values, vectors = torch.linalg.eigh(symmetric)
-    order = torch.argsort(values, descending=True)
-    return values[order], basis @ vectors[:, order]
-
-
 def _target_rows(
     ctx: ScoringContext, source: GradientSource, model: nn.Module
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -307,9 +259,10 @@ class _IterativeInfluence(Estimator):
             x, y = x[keep.to(x.device)], y[keep.to(y.device)]
         d = parameter_count(model)
         undamped = curvature_operator(model, x, y, kind=self.curvature)
-        self.damping_used = resolve(
-            self.damping, lambda: mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device)
-        )
+        self.damping_used = resolve(self.damping, lambda: relative_damping(
+            mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device),
+            negative_curvature(model, x, y, ctx.seed, device=ctx.device),
+        ))
         shift = ctx.weight_decay + self.damping_used
 
         def operator(v: torch.Tensor) -> torch.Tensor:
