@@ -449,11 +449,19 @@ class ArnoldiInfluence(_IterativeInfluence):
 
     ``n_iter`` curvature products (default min(d, 300)) from a seeded (ctx.seed) random unit
     vector with full re-orthogonalization span a Krylov space of the undamped curvature C; the
-    top ``rank`` (default None: all) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept and
-    ``score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + wd + damping)``. With
-    ``n_iter = rank = d`` this is the exact damped solve; otherwise the low-curvature directions
-    are dropped (they contribute 0, not 1/(wd + damping)). ``suspicion(z) = sum_i (g_z . u_i)^2 /
-    (lambda_i + wd + damping) >= 0`` in the same subspace. ``hvp_batch``: a fixed seeded subset
+    top ``rank`` (default None: all) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept, U
+    their vectors, and with ``s = wd + damping``::
+
+        score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + s) + (P g_V) . (P g_z) / (mu + s)
+
+    with P = I - U U^T and mu = (trace(C) - sum_i lambda_i) / (d - k) (trace by the Hutchinson
+    probes of ``estimators.damping``): the exact inverse of the damped approximation
+    ``U Lambda U^T + mu P + s I``, which keeps C's trace (the directions outside the Krylov
+    space get C's mean remaining curvature, not none).
+    ``complement=False`` drops the last term (they contribute 0: the subspace-only estimate of
+    dattri and of this estimator before issue 15, which loses the low-curvature influence).
+    With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is the same
+    form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset
     of train rows for the products. Outputs (n,) float64. Cost: ``n_iter`` products, then O(d k)
     per gradient; memory O(d n_iter).
     """
@@ -467,15 +475,19 @@ class ArnoldiInfluence(_IterativeInfluence):
         n_iter: int | None = None,
         rank: int | None = None,
         hvp_batch: int | None = None,
+        complement: bool = True,
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
+        self.complement = complement
         if n_iter is not None and n_iter < 1:
             raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.n_iter = n_iter
         self.rank = rank
-        self._cached: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._cached: tuple[tuple, torch.Tensor, torch.Tensor, float] | None = None
+        self._rest = 0.0
+        """Mean eigenvalue of the curvature outside the kept directions, after a call."""
 
     def _eigenpairs(
         self, ctx: ScoringContext, problem: _Problem
@@ -485,6 +497,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
         key = (n_iter, self.rank, self.curvature, ctx.seed, _digest(problem))
         if self._cached is not None and self._cached[0] == key:
+            self._rest = self._cached[3]
             return self._cached[1], self._cached[2]
         values, vectors = arnoldi_eigenpairs(
             problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
@@ -492,27 +505,45 @@ class ArnoldiInfluence(_IterativeInfluence):
         keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
         if keep.numel() == 0:
             raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
-        self._cached = (key, values[keep], vectors[:, keep])
-        return values[keep], vectors[:, keep]
+        values, vectors = values[keep], vectors[:, keep]
+        rest = 0.0
+        if self.complement and values.numel() < problem.d:
+            trace = problem.d * mean_eigenvalue(problem.undamped, problem.d, ctx.seed,
+                                                device=ctx.device)
+            rest = max(0.0, (trace - float(values.sum())) / (problem.d - values.numel()))
+        self._rest = rest
+        self._cached = (key, values, vectors, rest)
+        return values, vectors
+
+    def _weights(self, values: torch.Tensor, shift: float) -> tuple[torch.Tensor, float]:
+        """(weights of the kept directions minus that of the complement (k,), weight of their
+        orthogonal complement): ``1/(lambda_i + shift)`` and ``1/(rest + shift)``
+        (``complement``; rest = the complement's mean eigenvalue) or 0."""
+        total = self._rest + shift
+        outside = 1.0 / total if self.complement and total > 0 else 0.0
+        return 1.0 / (values + shift) - outside, outside
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
         values, vectors = self._eigenpairs(ctx, problem)
-        inverse = 1.0 / (values + problem.shift)
-        return lambda rhs: vectors @ (inverse.unsqueeze(1) * (vectors.T @ rhs))
+        inside, outside = self._weights(values, problem.shift)
+        return lambda rhs: vectors @ (inside.unsqueeze(1) * (vectors.T @ rhs)) + outside * rhs
 
     def score(self, ctx: ScoringContext) -> Attribution:
-        """Scores and the subspace self-influence: both (n,) float64."""
+        """Scores and the self-influence: both (n,) float64."""
         problem = self._problem(ctx)
         values, vectors = self._eigenpairs(ctx, problem)
-        inverse = 1.0 / (values + problem.shift)
+        inside, outside = self._weights(values, problem.shift)
         source = gradient_source(ctx, self.needs)
         g_v = source.target(ctx.final.index).to(torch.float64).to(ctx.device)
         self._check(g_v, problem.d)
-        weights = (g_v @ vectors) * inverse  # (k,)
+        weights = (g_v @ vectors) * inside  # (k,)
+        g_v = g_v.to(vectors.device)
 
         def per_shard(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            projected = g.to(vectors.device) @ vectors  # (m, k)
-            return projected @ weights, (projected * projected) @ inverse
+            g = g.to(vectors.device)
+            projected = g @ vectors  # (m, k)
+            return (projected @ weights + outside * (g @ g_v),
+                    (projected * projected) @ inside + outside * (g * g).sum(dim=1))
 
         ids, (scores, self_influence) = stream(source, ctx.final.index, per_shard)
         return Attribution(sample_ids=ids, score=scores, suspicion=self_influence)
