@@ -8,6 +8,7 @@ against Sieve's), then timed ``repeats`` times over all rows; the median is repo
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks._measure import measure_interleaved, one_line, release_memory
+from estimators.factorized import FactorizedProjector
 from estimators.per_sample import parameter_count, per_sample_gradients
 from estimators.projection import Projector
 from workloads.datasets import load_digits
@@ -96,13 +98,34 @@ def build_sieve(setup: Setup) -> Callable[[], torch.Tensor]:
 
 def build_sieve_projected(setup: Setup) -> Callable[[], torch.Tensor]:
     """What the gradient stage does with ``gradients.projection=k``: a fresh Projector per
-    call (as per shard task), so P is drawn inside the timed region, like TRAK's."""
+    call (as per shard task); its P tiles are resident process-wide after the warm-up pass
+    (as in a worker that runs several shards), like traker's BasicProjector's matrix."""
     model = setup.loaded()
 
     def run() -> torch.Tensor:
         projector = Projector.for_model(model, setup.k, seed=0)
         grads = per_sample_gradients(model, setup.x, setup.y, chunk_size=setup.batch)
         return projector.project(grads)
+
+    return run
+
+
+def factorized_sizes(k: int) -> tuple[int, int]:
+    """(k_in, k_out) per layer with k_in * k_out = k (k_in the larger when k is not square)."""
+    k_out = 2 ** (int(math.log2(k)) // 2)
+    return k // k_out, k_out
+
+
+def build_sieve_factorized(setup: Setup) -> Callable[[], torch.Tensor]:
+    """``gradients.projection: {kind: factorized}``: LoGra features from hooks, k_in x k_out =
+    k per layer (capped at the layer's sizes), no per-sample gradient formed."""
+    model = setup.loaded()
+    k_in, k_out = factorized_sizes(setup.k)
+
+    def run() -> torch.Tensor:
+        projector = FactorizedProjector.for_model(model, k_in, k_out, seed=0,
+                                                  block_rows=setup.batch)
+        return projector.features(model, setup.x, setup.y)
 
     return run
 
@@ -126,6 +149,7 @@ def build_naive(setup: Setup) -> Callable[[], torch.Tensor]:
 SIEVE = "Sieve per_sample_gradients (layerwise closed form)"
 NAIVE = "naive loop (autograd.grad per sample)"
 SIEVE_PROJECTED = "Sieve per_sample_gradients + Projector (k)"
+SIEVE_FACTORIZED = "Sieve FactorizedProjector.features (k_in x k_out per layer)"
 
 
 def own_methods() -> list[Method]:
@@ -133,7 +157,9 @@ def own_methods() -> list[Method]:
         Method(SIEVE, GRADS, build_sieve),
         Method(NAIVE, GRADS, build_naive),
         Method(SIEVE_PROJECTED, PROJECTED, build_sieve_projected, checked=False,
-               note="rademacher, fresh P per pass"),
+               note="dense rademacher, float32, P resident"),
+        Method(SIEVE_FACTORIZED, PROJECTED, build_sieve_factorized, checked=False,
+               note="factorized (LoGra), k_in x k_out = k per layer"),
     ]
 
 
@@ -214,7 +240,7 @@ def run_section(quick: bool, repeats: int = 3) -> dict:
     from benchmarks import peers
 
     torch.set_num_threads(1)
-    n, batch, k = (256, 128, 256) if quick else (None, 256, 512)
+    n, batch, k = (256, 128, 256) if quick else (None, 256, 1024)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="sieve-bench-psg-") as tmp:
         setups = make_setups(n, batch, k, Path(tmp))
@@ -222,6 +248,11 @@ def run_section(quick: bool, repeats: int = 3) -> dict:
             methods = (own_methods()[:2] + peers.methods() + own_methods()[2:]
                        + peers.projected_methods())
             model_rows = run_model(setup, methods, repeats) + peers.skipped_rows(setup.model)
+            k_in, k_out = factorized_sizes(k)
+            width = FactorizedProjector.for_model(setup.loaded(), k_in, k_out, seed=0).k
+            for row in model_rows:
+                if row.method == SIEVE_FACTORIZED:
+                    row.note = f"factorized (LoGra), {k_in} x {k_out} per layer, total k={width}"
             _ratios(model_rows)
             rows += model_rows
         info = {

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from estimators.targets import SummedLoss, Target
+from workloads.inputs import Inputs
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,17 @@ class GradientSource(Protocol):
 
 @dataclass
 class ScoringContext:
-    """Everything an estimator may read. Tensors are on ``device``; features are flat rows."""
+    """Everything an estimator may read. Tensors are on ``device``. ``train_x``/``target_x``
+    are model inputs (``workloads.inputs``): one (n, *shape) tensor, or name -> tensor for a
+    model of several input columns; ``model_factory`` builds the model with only the
+    attributed parameters trainable (``model.modules``)."""
 
     model_factory: Callable[[], nn.Module]
     checkpoints: list[Checkpoint]
     train_ids: np.ndarray
-    train_x: torch.Tensor
+    train_x: Inputs
     train_y: torch.Tensor
-    target_x: torch.Tensor
+    target_x: Inputs
     target_y: torch.Tensor
     gradients: GradientSource | None = None
     weight_decay: float = 0.0

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
+from workloads.inputs import call_model, num_rows, take
 
 
 class RandomScores(Estimator):
@@ -45,9 +46,9 @@ class SelfLoss(Estimator):
         model = ctx.model_at(ctx.final)
         losses = []
         with torch.no_grad():
-            for start in range(0, ctx.train_x.shape[0], self.batch_size):
+            for start in range(0, num_rows(ctx.train_x), self.batch_size):
                 stop = start + self.batch_size
-                logits = model(ctx.train_x[start:stop])
+                logits = call_model(model, take(ctx.train_x, slice(start, stop)))
                 losses.append(F.cross_entropy(logits, ctx.train_y[start:stop], reduction="none"))
         loss = torch.cat(losses).to(torch.float64).cpu().numpy()
         ids = np.asarray(ctx.train_ids, dtype=np.int64)

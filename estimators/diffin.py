@@ -37,13 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from estimators.base import Attribution, Checkpoint, Estimator, Needs, ScoringContext
 from estimators.hvp import finite_difference_hvp, flat_gradient, flat_loss
 from estimators.hvp import hvp as autograd_hvp
 from estimators.ip_ensemble import target_row_gradients
 from estimators.per_sample import flat_parameters, parameter_order
+from workloads.inputs import Inputs, call_functional, cast_floating, num_rows, take, unsqueeze_rows
 
 HvpKind = Literal["finite_difference", "autograd"]
 HVP_KINDS: tuple[str, ...] = ("finite_difference", "autograd")
@@ -61,10 +62,10 @@ def sample_loss(model: nn.Module) -> SampleLoss:
     sizes = [named[name].numel() for name in names]
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def loss(flat: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    def loss(flat: torch.Tensor, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
         pieces = torch.split(flat, sizes)
         params = {name: t.view(s) for name, t, s in zip(names, pieces, shapes, strict=True)}
-        out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        out = call_functional(model, (params, buffers), unsqueeze_rows(xi))
         return F.cross_entropy(out, yi.unsqueeze(0))
 
     return loss
@@ -78,7 +79,7 @@ class _Step:
 
     model: nn.Module
     theta: torch.Tensor
-    batch_x: torch.Tensor
+    batch_x: Inputs
     batch_y: torch.Tensor
     g_b: torch.Tensor
     a: float
@@ -166,7 +167,7 @@ class DiffIn(Estimator):
     # ----------------------------------------------------------------------------- public API
 
     def score(self, ctx: ScoringContext) -> Attribution:
-        n = ctx.train_x.shape[0]
+        n = num_rows(ctx.train_x)
         score = np.zeros(n)
         suspicion = np.zeros(n) if self.self_influence else None
         for step in self._steps(ctx):
@@ -192,7 +193,7 @@ class DiffIn(Estimator):
         grows with checkpoints x targets; fine for small m_t. The per-sample passes over the
         train rows are shared by all targets. With finite differences the columns sum to
         ``score`` only up to the difference error (the products are not exactly linear in v)."""
-        n, m_t = ctx.train_x.shape[0], ctx.target_x.shape[0]
+        n, m_t = num_rows(ctx.train_x), num_rows(ctx.target_x)
         matrix = np.zeros((n, m_t))
         for step in self._steps(ctx):
             rows_t = target_row_gradients(
@@ -214,14 +215,14 @@ class DiffIn(Estimator):
     def _steps(self, ctx: ScoringContext) -> Iterator[_Step]:
         if not ctx.checkpoints:
             raise ValueError("Diff-In needs at least one checkpoint")
-        n = ctx.train_x.shape[0]
+        n = num_rows(ctx.train_x)
         m = len(ctx.checkpoints)
         for ckpt in ctx.checkpoints:
             eta = _step_lr(ckpt)
             model = ctx.model_at(ckpt).to(torch.float64).eval()
             theta = flat_parameters(model)
             batch = self._batch_indices(ctx, ckpt)
-            bx, by = _as64(ctx.train_x[batch]), ctx.train_y[batch]
+            bx, by = _as64(take(ctx.train_x, batch)), ctx.train_y[batch]
             g_b = flat_gradient(model, bx, by, theta)
             yield _Step(
                 model=model,
@@ -234,13 +235,13 @@ class DiffIn(Estimator):
             )
 
     def _batch_indices(self, ctx: ScoringContext, ckpt: Checkpoint) -> torch.Tensor:
-        n = ctx.train_x.shape[0]
+        n = num_rows(ctx.train_x)
         size = min(max(int(ctx.batch_size), 1), n)
         rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, ckpt.index]))
         chosen = [
             rng.choice(n, size=size, replace=False) for _ in range(self.batches_per_checkpoint)
         ]
-        return torch.as_tensor(np.concatenate(chosen), dtype=torch.long, device=ctx.train_x.device)
+        return torch.as_tensor(np.concatenate(chosen), dtype=torch.long, device=ctx.train_y.device)
 
     def _batch_curvature(self, step: _Step, v: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
         """``(H_B + lam I) v`` for the columns of v (d, k): (d, k), one HVP per column."""
@@ -266,13 +267,13 @@ class DiffIn(Estimator):
         norm_b = float(torch.linalg.vector_norm(g_b))
         direction = g_b / norm_b if norm_b > 0 else g_b
 
-        def hz_gb(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        def hz_gb(xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
             return jvp(lambda p: grad(loss)(p, xi, yi), (step.theta,), (g_b,))[1]
 
         x_all = _as64(ctx.train_x)
-        for start in range(0, x_all.shape[0], self.chunk_size):
+        for start in range(0, num_rows(x_all), self.chunk_size):
             rows = slice(start, start + self.chunk_size)
-            x, y = x_all[rows], ctx.train_y[rows]
+            x, y = take(x_all, rows), ctx.train_y[rows]
             g_z = per_sample(step.theta, x, y)
             if norm_b == 0:
                 d_z = torch.zeros_like(g_z)
@@ -323,5 +324,5 @@ def _step_lr(ckpt: Checkpoint) -> float:
     return float(ckpt.step_lr if ckpt.step_lr is not None else ckpt.lr)
 
 
-def _as64(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64) if x.is_floating_point() else x
+def _as64(x: Inputs) -> Inputs:
+    return cast_floating(x, torch.float64)

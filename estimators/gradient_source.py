@@ -15,6 +15,7 @@ from torch import nn
 from estimators.base import Checkpoint, ScoringContext
 from estimators.per_sample import per_sample_gradients
 from estimators.targets import SummedLoss, Target
+from workloads.inputs import Inputs, to_device
 
 
 class InMemoryGradients:
@@ -96,9 +97,9 @@ class InMemoryGradients:
         model_factory: Callable[[], nn.Module],
         checkpoints: Sequence[Checkpoint],
         train_ids: np.ndarray,
-        train_x: torch.Tensor,
+        train_x: Inputs,
         train_y: torch.Tensor,
-        target_x: torch.Tensor,
+        target_x: Inputs,
         target_y: torch.Tensor,
         shard_size: int = 512,
         chunk_size: int = 256,
@@ -119,15 +120,15 @@ class InMemoryGradients:
             model.load_state_dict(ckpt.load())
             model.eval()
             train_grads[ckpt.index] = per_sample_gradients(
-                model, train_x.to(device), train_y.to(device), chunk_size=chunk_size
+                model, to_device(train_x, device), train_y.to(device), chunk_size=chunk_size
             )
             if target_rows is not None:
                 target_rows[ckpt.index] = per_sample_gradients(
-                    model, target_x.to(device), target_y.to(device), chunk_size=chunk_size,
+                    model, to_device(target_x, device), target_y.to(device), chunk_size=chunk_size,
                     cost=target.cost,
                 )
             target_grads[ckpt.index] = target.gradient(
-                model, target_x.to(device), target_y.to(device), chunk_size=chunk_size
+                model, to_device(target_x, device), target_y.to(device), chunk_size=chunk_size
             )
         return cls(train_ids, train_grads, target_grads, shard_size=shard_size,
                    target_rows=target_rows, target_ids=target_ids)
@@ -156,7 +157,7 @@ class InMemoryGradients:
 
 
 def summed_loss_gradient(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+    model: nn.Module, x: Inputs, y: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """Gradient of ``sum_i cross_entropy(model(x_i), y_i)``: (d,), float64, in parameter order.
 

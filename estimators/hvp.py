@@ -24,9 +24,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from estimators.per_sample import flat_parameters, parameter_order
+from workloads.inputs import Inputs, call_functional, cast_floating, num_rows, take
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,7 +40,7 @@ def _quiet_forward_ad() -> Iterator[None]:
         yield
 
 
-def _logits_fn(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _logits_fn(model: nn.Module, x: Inputs) -> Callable[[torch.Tensor], torch.Tensor]:
     """Map a flat parameter vector (d,) to the logits (n, C) of ``model`` on ``x``."""
     names = parameter_order(model)
     trainable = dict(model.named_parameters())
@@ -57,14 +58,13 @@ def _logits_fn(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], to
         extra = {
             name: t.to(flat.dtype) if t.is_floating_point() else t for name, t in fixed.items()
         }
-        rows = x.to(flat.dtype) if x.is_floating_point() else x
-        return functional_call(model, (params, extra), (rows,))
+        return call_functional(model, (params, extra), cast_floating(x, flat.dtype))
 
     return logits
 
 
 def flat_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, x: Inputs, y: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function mapping flat parameters (d,) to the mean cross-entropy on (x, y): a 0-d tensor.
 
@@ -80,7 +80,7 @@ def flat_loss(
 
 
 def flat_gradient(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None
+    model: nn.Module, x: Inputs, y: torch.Tensor, params: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gradient (d,) of the mean cross-entropy on (x, y) at ``params`` (default: the model's
     current flat parameters, in their dtype). No weight-decay term. One forward + backward."""
@@ -89,7 +89,7 @@ def flat_gradient(
 
 
 def hvp(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
+    model: nn.Module, x: Inputs, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
 ) -> torch.Tensor:
     """Exact Hessian-vector product ``(H + weight_decay * I) v``: (d,), in v's dtype.
 
@@ -104,7 +104,7 @@ def hvp(
 
 
 def ggn_vp(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
+    model: nn.Module, x: Inputs, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
 ) -> torch.Tensor:
     """Gauss-Newton-vector product ``(G + weight_decay * I) v``: (d,), in v's dtype.
 
@@ -125,7 +125,7 @@ def ggn_vp(
 
 def finite_difference_hvp(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     v: torch.Tensor,
     eps: float = 1e-3,
@@ -183,7 +183,7 @@ def power_iteration(
 
 def curvature_operator(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     kind: str = "ggn",
     shift: float = 0.0,
@@ -202,16 +202,17 @@ def curvature_operator(
         raise ValueError(f"unknown curvature {kind!r}; expected 'ggn' or 'hessian'")
     if chunk_size < 1 or column_block < 1:
         raise ValueError("chunk_size and column_block must be >= 1")
-    n = x.shape[0]
+    n = num_rows(x)
     if n == 0:
         raise ValueError("curvature_operator needs at least one row")
     product = ggn_vp if kind == "ggn" else hvp
-    chunks = [(x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, n, chunk_size)]
+    chunks = [(take(x, slice(s, s + chunk_size)), y[s : s + chunk_size])
+              for s in range(0, n, chunk_size)]
 
     def one(v: torch.Tensor) -> torch.Tensor:
         total = shift * v
         for rows, labels in chunks:
-            total = total + product(model, rows, labels, v) * (rows.shape[0] / n)
+            total = total + product(model, rows, labels, v) * (labels.shape[0] / n)
         return total
 
     batched = vmap(one, in_dims=1, out_dims=1)

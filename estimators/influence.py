@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 
 from estimators._streaming import gradient_source, linear_pairwise, stream, target_vectors
 from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
@@ -28,6 +28,7 @@ from estimators.damping import (
     resolve,
 )
 from estimators.per_sample import flat_parameters, parameter_count, parameter_order
+from workloads.inputs import Inputs, call_functional, cast_floating, num_rows, take, unsqueeze_rows
 
 Curvature = Literal["ggn", "hessian"]
 CURVATURES: tuple[str, ...] = ("ggn", "hessian")
@@ -35,7 +36,7 @@ CURVATURES: tuple[str, ...] = ("ggn", "hessian")
 
 def curvature_matrix(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     kind: Curvature = "ggn",
     chunk_size: int = 256,
@@ -46,38 +47,39 @@ def curvature_matrix(
     the logit Jacobian of row i and p_i its softmax; always PSD. ``kind="hessian"``: the exact
     Hessian (may be indefinite for non-convex models). No weight-decay term is included.
 
-    ``model`` maps flat rows (n, features) to logits (n, C) and should be in eval mode; it is
+    ``model`` maps inputs (``workloads.inputs``) to logits (n, C) and should be in eval mode; it is
     copied to float64 for the computation. Parameters follow ``parameter_order(model)``. Rows are
     processed in chunks of at most ``chunk_size``.
     """
     if kind not in CURVATURES:
         raise ValueError(f"unknown curvature {kind!r}; expected one of {CURVATURES}")
-    n = x.shape[0]
+    n = y.shape[0]
     if n == 0:
         raise ValueError("curvature_matrix needs at least one training row")
     model64 = copy.deepcopy(model).to(torch.float64)
     names = parameter_order(model64)
     params = {name: p.detach() for name, p in model64.named_parameters() if name in names}
     buffers = {name: b.detach() for name, b in model64.named_buffers()}
-    x = x.to(torch.float64) if x.is_floating_point() else x
+    x = cast_floating(x, torch.float64)
     d = sum(p.numel() for p in params.values())
-    curvature = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    curvature = torch.zeros(d, d, dtype=torch.float64, device=y.device)
 
-    def logits_of(p: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        return functional_call(model64, (p, buffers), (rows,))
+    def logits_of(p: dict[str, torch.Tensor], rows: Inputs) -> torch.Tensor:
+        return call_functional(model64, (p, buffers), rows)
 
     if kind == "ggn":
-        n_classes = logits_of(params, x[:1]).shape[1]
+        n_classes = logits_of(params, take(x, slice(0, 1))).shape[1]
         rows_per_chunk = max(1, min(chunk_size, 2**23 // (n_classes * d)))
 
-        def logits_one(p: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
-            return logits_of(p, row.unsqueeze(0)).squeeze(0)
+        def logits_one(p: dict[str, torch.Tensor], row: Inputs) -> torch.Tensor:
+            return logits_of(p, unsqueeze_rows(row)).squeeze(0)
 
         jacobian = vmap(jacrev(logits_one), in_dims=(None, 0))
         for start in range(0, n, rows_per_chunk):
-            rows = x[start : start + rows_per_chunk]
+            rows = take(x, slice(start, start + rows_per_chunk))
+            m_rows = num_rows(rows)
             jac = jacobian(params, rows)
-            j = torch.cat([jac[name].reshape(rows.shape[0], n_classes, -1) for name in names], 2)
+            j = torch.cat([jac[name].reshape(m_rows, n_classes, -1) for name in names], 2)
             prob = torch.softmax(logits_of(params, rows), dim=1)  # (m, C)
             root = prob.sqrt()
             # H_out = diag(p) - p p^T = B B^T with B = diag(sqrt p) - p sqrt(p)^T
@@ -90,9 +92,7 @@ def curvature_matrix(
         sizes = [params[name].numel() for name in names]
         rows_per_chunk = max(1, min(chunk_size, 2**20 // d))
 
-        def chunk_loss(
-            flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor
-        ) -> torch.Tensor:
+        def chunk_loss(flat: torch.Tensor, rows: Inputs, labels: torch.Tensor) -> torch.Tensor:
             pieces = torch.split(flat, sizes)
             p = {name: t.view(s) for name, t, s in zip(names, pieces, shapes, strict=True)}
             return F.cross_entropy(logits_of(p, rows), labels, reduction="sum")
@@ -103,7 +103,7 @@ def curvature_matrix(
             warnings.filterwarnings("ignore", "`torch.jit.script`", DeprecationWarning)
             for start in range(0, n, rows_per_chunk):
                 stop = start + rows_per_chunk
-                curvature += hess(flat0, x[start:stop], y[start:stop])
+                curvature += hess(flat0, take(x, slice(start, stop)), y[start:stop])
     return curvature / n
 
 
@@ -162,7 +162,8 @@ class ExactInfluence(Estimator):
         """Cholesky factor of H_total at the final checkpoint; kept for the next call on the
         same checkpoint and training set (``score`` then ``pairwise`` factor once)."""
         digest = hashlib.sha256()
-        for tensor in [*ctx.final.load().values(), ctx.train_x, ctx.train_y]:
+        train_x = ctx.train_x.values() if isinstance(ctx.train_x, dict) else [ctx.train_x]
+        for tensor in [*ctx.final.load().values(), *train_x, ctx.train_y]:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         key = (self.curvature, self.damping, ctx.weight_decay, digest.hexdigest())
         if self._cached is not None and self._cached[0] == key:

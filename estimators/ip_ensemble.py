@@ -24,6 +24,7 @@ from torch import nn
 from estimators.base import Attribution, Estimator, Needs, ScoringContext
 from estimators.per_sample import parameter_order, per_sample_gradients
 from estimators.targets import Target
+from workloads.inputs import Inputs, call_model, cast_floating, num_rows, take
 
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -126,7 +127,7 @@ class IPEnsemble(Estimator):
         self.diagnostics: dict[str, list[float] | float] = {}
 
     def score(self, ctx: ScoringContext) -> Attribution:
-        n = ctx.train_x.shape[0]
+        n = num_rows(ctx.train_x)
         score = np.zeros(n)
         suspicion = np.zeros(n)
         for model in self._members(ctx):
@@ -142,7 +143,7 @@ class IPEnsemble(Estimator):
         """``(1/K) sum_k G_train(theta_k) G_t(theta_k)^T``: (train ids (n,), target ids (m,),
         (n, m) float64), G_t (m, d) the per-row target gradients (``target_row_gradients``).
         Columns sum to ``score``. Extra cost per member: m per-row target gradients."""
-        n, m = ctx.train_x.shape[0], ctx.target_x.shape[0]
+        n, m = num_rows(ctx.train_x), num_rows(ctx.target_x)
         matrix = np.zeros((n, m))
         for model in self._members(ctx):
             tx, ty = self._rows(ctx.target_x, ctx.target_y, model)
@@ -158,19 +159,19 @@ class IPEnsemble(Estimator):
         )
 
     def _rows(
-        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = next(model.parameters()).dtype
-        return (x.to(dtype) if x.is_floating_point() else x), y
+        self, x: Inputs, y: torch.Tensor, model: nn.Module
+    ) -> tuple[Inputs, torch.Tensor]:
+        return cast_floating(x, next(model.parameters()).dtype), y
 
     def _train_chunks(
         self, ctx: ScoringContext, model: nn.Module
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield (row slice, per-sample train gradients (c, d)) over ``ctx.train_x``."""
         x, y = self._rows(ctx.train_x, ctx.train_y, model)
-        for start in range(0, x.shape[0], self.chunk_size):
+        for start in range(0, num_rows(x), self.chunk_size):
             rows = slice(start, start + self.chunk_size)
-            yield rows, per_sample_gradients(model, x[rows], y[rows], chunk_size=self.chunk_size)
+            yield rows, per_sample_gradients(model, take(x, rows), y[rows],
+                                             chunk_size=self.chunk_size)
 
     def _members(self, ctx: ScoringContext) -> Iterator[nn.Module]:
         """Yield the K masked copies of the final model (eval mode), recording diagnostics."""
@@ -210,7 +211,8 @@ class IPEnsemble(Estimator):
             yield model
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(model: nn.Module, x: Inputs, y: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).to(torch.float64).mean()) if len(y) else 1.0
+        right = call_model(model, x).argmax(dim=1) == y
+        return float(right.to(torch.float64).mean()) if len(y) else 1.0
 

@@ -47,6 +47,7 @@ from estimators.damping import (
 from estimators.hvp import MatVec, arnoldi_eigenpairs, curvature_operator, power_iteration
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
+from workloads.inputs import Inputs, num_rows, take, to_device
 
 _SUBSET_STREAM = 0x48
 """Salt of the seed that picks the ``hvp_batch`` rows (``SeedSequence([ctx.seed, salt])``)."""
@@ -58,7 +59,7 @@ class _Problem:
     C alone)."""
 
     model: nn.Module
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor
     d: int
     shift: float
@@ -222,7 +223,7 @@ def _target_rows(
     if reader is not None:
         ids, grads = reader(ctx.final.index)
         return np.asarray(ids, dtype=np.int64), grads.to(torch.float64)
-    m = ctx.target_x.shape[0]
+    m = num_rows(ctx.target_x)
     ids = ctx.target_ids if ctx.target_ids is not None else np.arange(m, dtype=np.int64)
     grads = per_sample_gradients(model, ctx.target_x, ctx.target_y)
     return np.asarray(ids, dtype=np.int64), grads.to(torch.float64)
@@ -249,14 +250,14 @@ class _IterativeInfluence(Estimator):
 
     def _problem(self, ctx: ScoringContext) -> _Problem:
         model = ctx.model_at(ctx.final)
-        x, y = ctx.train_x.to(ctx.device), ctx.train_y.to(ctx.device)
-        n = x.shape[0]
+        x, y = to_device(ctx.train_x, ctx.device), ctx.train_y.to(ctx.device)
+        n = y.shape[0]
         if n == 0:
             raise ValueError(f"{self.name} needs at least one training row")
         if self.hvp_batch is not None and self.hvp_batch < n:
             rng = np.random.default_rng([ctx.seed, _SUBSET_STREAM])
             keep = torch.from_numpy(np.sort(rng.choice(n, self.hvp_batch, replace=False)))
-            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+            x, y = take(x, keep.to(y.device)), y[keep.to(y.device)]
         d = parameter_count(model)
         undamped = curvature_operator(model, x, y, kind=self.curvature)
         self.damping_used = resolve(self.damping, lambda: relative_damping(
@@ -410,10 +411,10 @@ class LissaInfluence(_IterativeInfluence):
         scale = self._scale(ctx, problem)
 
         def minibatch(rows: torch.Tensor) -> MatVec:
-            rows = rows.to(problem.x.device)
+            rows = rows.to(problem.y.device)
             return curvature_operator(
                 problem.model,
-                problem.x[rows],
+                take(problem.x, rows),
                 problem.y[rows],
                 kind=self.curvature,
                 shift=problem.shift,
@@ -424,7 +425,7 @@ class LissaInfluence(_IterativeInfluence):
             for r in range(self.repeat):
                 seed = int(np.random.SeedSequence([ctx.seed, r]).generate_state(1)[0])
                 total += lissa(
-                    minibatch, rhs, problem.x.shape[0], scale, self.depth, self.batch, seed
+                    minibatch, rhs, problem.y.shape[0], scale, self.depth, self.batch, seed
                 )
             return total / self.repeat
 

@@ -42,6 +42,7 @@ from torch import nn
 from estimators.base import Attribution, Estimator, Needs, PairwiseStream, ScoringContext
 from estimators.damping import check_damping, negative_curvature, relative_damping, resolve
 from estimators.per_sample import parameter_order
+from workloads.inputs import Inputs, call_model, num_rows, take
 
 Kind = Literal["ekfac", "kfac"]
 KINDS: tuple[str, ...] = ("ekfac", "kfac")
@@ -165,7 +166,7 @@ def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _capture(
     model: nn.Module,
     blocks: list[KroneckerBlock],
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _summed_ce,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,7 +192,7 @@ def _capture(
     handles = [b.module.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
     try:
         with torch.enable_grad():
-            loss = cost(model(x), y)
+            loss = cost(call_model(model, x), y)
     finally:
         for handle in handles:
             handle.remove()
@@ -212,7 +213,7 @@ def _rotated(eig: _Eigen, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bto,bti->boi", s @ eig.q_s, a @ eig.q_a)
 
 
-def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: torch.Tensor) -> list[bool]:
+def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: Inputs) -> list[bool]:
     """Which blocks' forward hooks fire (exactly once) on one probe row."""
     calls = [0] * len(blocks)
 
@@ -225,7 +226,7 @@ def _called_blocks(model: nn.Module, blocks: list[KroneckerBlock], x: torch.Tens
     handles = [b.module.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
-            model(x[:1])
+            call_model(model, take(x, slice(0, 1)))
     finally:
         for handle in handles:
             handle.remove()
@@ -259,7 +260,12 @@ class EKFACInfluence(Estimator):
     fit, Lambda fit, scoring) plus one over the target rows, in chunks of ``ctx.batch_size``;
     eigendecompositions O(p^3 + o^3) per module; scoring O(n * T * (o p (o + p))) per module.
     Memory O(p^2 + o^2 + o p) per module plus one chunk's per-example gradients (B, o, p);
-    ``pairwise`` holds m preconditioned target gradients (m, o, p) per module.
+    ``pairwise`` holds the preconditioned gradients (m, o, p) per module of at most
+    ``target_memory_mb`` worth of target rows (or ``target_rows`` rows) at a time: when all m
+    fit, one pass over the train rows scores them all; otherwise the targets go in chunks that
+    fit (the factors fitted once and reused), each chunk scored by one pass over the train rows
+    (kronfluence's query batching), and the (n, m) float64 scores are gathered on the host
+    before they stream out.
 
     Excluded parameters (see module docstring) are listed in ``excluded_parameters`` after a call.
     No stored gradients are used: per-example gradients come from forward hooks.
@@ -274,6 +280,8 @@ class EKFACInfluence(Estimator):
         damping: float | None = None,
         sample_labels: bool = True,
         max_samples: int | None = None,
+        target_memory_mb: int = 2048,
+        target_rows: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -283,7 +291,12 @@ class EKFACInfluence(Estimator):
         self.kind = kind
         self.damping = damping
         self.sample_labels = sample_labels
+        if target_memory_mb < 1 or (target_rows is not None and target_rows < 1):
+            raise ValueError("target_memory_mb and target_rows must be >= 1, got "
+                             f"{target_memory_mb}, {target_rows}")
+        self.target_rows = target_rows
         self.max_samples = max_samples
+        self.target_memory_mb = target_memory_mb
         self.excluded_parameters: list[str] = []
         """Trainable parameters outside the supported modules (no contribution to scores)."""
         self.module_damping: dict[str, float] = {}
@@ -294,7 +307,7 @@ class EKFACInfluence(Estimator):
     def _setup(self, ctx: ScoringContext) -> tuple[nn.Module, list[KroneckerBlock]]:
         model = ctx.model_at(ctx.final)
         blocks, excluded = kronecker_blocks(model)
-        if blocks and len(ctx.train_x):
+        if blocks and num_rows(ctx.train_x):
             called = _called_blocks(model, blocks, ctx.train_x)
             excluded += [n for b, c in zip(blocks, called, strict=True) if not c
                          for n in b.parameters]
@@ -312,13 +325,13 @@ class EKFACInfluence(Estimator):
         self, ctx: ScoringContext, model: nn.Module, blocks: list[KroneckerBlock]
     ) -> list[_Eigen]:
         """Passes 1 (A, S) and, for EK-FAC, 2 (Lambda) over the factor rows."""
-        n = len(ctx.train_x)
+        n = num_rows(ctx.train_x)
         rows = np.arange(n)
         if self.max_samples is not None and self.max_samples < n:
             rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, 0x4B464143]))
             rows = np.sort(rng.choice(n, size=self.max_samples, replace=False))
-        index = torch.as_tensor(rows, device=ctx.train_x.device)
-        x, y = ctx.train_x[index], ctx.train_y[index]
+        index = torch.as_tensor(rows, device=ctx.train_y.device)
+        x, y = take(ctx.train_x, index), ctx.train_y[index]
         chunks = [slice(i, i + ctx.batch_size) for i in range(0, len(rows), ctx.batch_size)]
         gen = torch.Generator().manual_seed(int(ctx.seed))
         labels: list[torch.Tensor] = []  # drawn in pass 1, reused by pass 2
@@ -335,7 +348,8 @@ class EKFACInfluence(Estimator):
         s_cov: list[torch.Tensor | None] = [None] * len(blocks)
         a_count = [0] * len(blocks)
         for chunk in chunks:
-            for k, (a, s) in enumerate(_capture(model, blocks, x[chunk], y[chunk], fisher_cost)):
+            captured = _capture(model, blocks, take(x, chunk), y[chunk], fisher_cost)
+            for k, (a, s) in enumerate(captured):
                 a2, s2 = a.reshape(-1, a.shape[2]), s.reshape(-1, s.shape[2])
                 a_cov[k] = a2.T @ a2 if a_cov[k] is None else a_cov[k] + a2.T @ a2
                 s_cov[k] = s2.T @ s2 if s_cov[k] is None else s_cov[k] + s2.T @ s2
@@ -350,7 +364,7 @@ class EKFACInfluence(Estimator):
         if self.kind == "ekfac":
             lambdas = [torch.zeros_like(lam) for lam in lambdas]
             for chunk, drawn in zip(chunks, labels, strict=True):
-                for k, (a, s) in enumerate(_capture(model, blocks, x[chunk], drawn)):
+                for k, (a, s) in enumerate(_capture(model, blocks, take(x, chunk), drawn)):
                     lambdas[k] += _rotated(eigens[k], a, s).square().sum(dim=0)
             lambdas = [lam / len(rows) for lam in lambdas]
         self.module_damping = {}
@@ -379,11 +393,13 @@ class EKFACInfluence(Estimator):
         blocks: list[KroneckerBlock],
         eigens: list[_Eigen],
         per_row: bool,
+        rows_of: slice = slice(None),
     ) -> list[torch.Tensor]:
         """Preconditioned target gradients in the eigenbasis, per block: ``G'_V / D`` (1, o, p),
-        or with ``per_row`` one per target row (m, o, p)."""
+        or with ``per_row`` one per target row (m, o, p) of the target rows ``rows_of``."""
         target = ctx.target
-        m = len(ctx.target_x)
+        target_x, target_y = take(ctx.target_x, rows_of), ctx.target_y[rows_of]
+        m = num_rows(target_x)
         if m == 0:
             raise ValueError("if_ekfac needs at least one target row")
         if per_row and not target.decomposable:
@@ -394,9 +410,8 @@ class EKFACInfluence(Estimator):
         parts: list[list[torch.Tensor]] = [[] for _ in blocks]
         for start in range(0, m, step):
             rows = slice(start, start + step)
-            captured = _capture(
-                model, blocks, ctx.target_x[rows], ctx.target_y[rows], target.cost
-            )
+            captured = _capture(model, blocks, take(target_x, rows), target_y[rows],
+                                target.cost)
             for k, (a, s) in enumerate(captured):
                 g = _rotated(eigens[k], a, s)
                 parts[k].append(g if per_row else g.sum(dim=0, keepdim=True))
@@ -419,10 +434,10 @@ class EKFACInfluence(Estimator):
         (b, m) against the preconditioned targets, self-influence (b,) when ``with_self``),
         float64."""
         ids = np.asarray(ctx.train_ids, dtype=np.int64)
-        for start in range(0, len(ctx.train_x), ctx.batch_size):
+        for start in range(0, num_rows(ctx.train_x), ctx.batch_size):
             rows = slice(start, start + ctx.batch_size)
             y = ctx.train_y[rows]
-            captured = _capture(model, blocks, ctx.train_x[rows], y)
+            captured = _capture(model, blocks, take(ctx.train_x, rows), y)
             score = torch.zeros(y.shape[0], targets[0].shape[0], dtype=torch.float64,
                                 device=y.device)
             self_inf = (torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
@@ -451,12 +466,41 @@ class EKFACInfluence(Estimator):
         n). Needs a decomposable target."""
         model, blocks = self._setup(ctx)
         eigens = self._factors(ctx, model, blocks)
-        targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
-        m = len(ctx.target_x)
-        target_ids = np.arange(m) if ctx.target_ids is None else ctx.target_ids
-        scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
-        return PairwiseStream(np.asarray(target_ids, dtype=np.int64),
-                              ((ids, score) for ids, score, _ in scored))
+        m = num_rows(ctx.target_x)
+        target_ids = np.asarray(np.arange(m) if ctx.target_ids is None else ctx.target_ids,
+                                dtype=np.int64)
+        chunk = self.target_chunk(eigens)
+        if chunk >= m:
+            targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True)
+            scored = self._train_blocks(ctx, model, blocks, eigens, targets, False)
+            return PairwiseStream(target_ids, ((ids, score) for ids, score, _ in scored))
+        return PairwiseStream(target_ids, self._chunked_targets(ctx, model, blocks, eigens,
+                                                                chunk))
+
+    def target_chunk(self, eigens: list[_Eigen]) -> int:
+        """``target_rows``, or the target rows whose preconditioned gradients (float64, o * p
+        per module) fit ``target_memory_mb`` (at least 1)."""
+        if self.target_rows is not None:
+            return self.target_rows
+        per_row = 8 * sum(e.q_s.shape[0] * e.q_a.shape[0] for e in eigens)
+        return max(1, self.target_memory_mb * 2**20 // per_row)
+
+    def _chunked_targets(
+        self, ctx: ScoringContext, model: nn.Module, blocks: list[KroneckerBlock],
+        eigens: list[_Eigen], chunk: int,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Target chunks outer, one pass over the train rows each; blocks of the gathered
+        (n, m) scores (host memory), in train order."""
+        m, columns, ids = num_rows(ctx.target_x), [], None
+        for start in range(0, m, chunk):
+            targets = self._target_rotated(ctx, model, blocks, eigens, per_row=True,
+                                           rows_of=slice(start, start + chunk))
+            parts = list(self._train_blocks(ctx, model, blocks, eigens, targets, False))
+            ids = [part[0] for part in parts]
+            columns.append([part[1].cpu() for part in parts])
+            del targets
+        for b, block_ids in enumerate(ids or []):
+            yield block_ids, torch.cat([col[b] for col in columns], dim=1)
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores of every train row against every single target row (``ctx.target_x``):

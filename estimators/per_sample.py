@@ -8,7 +8,13 @@ Two routes give the same numbers (to float rounding):
   give every layer's input ``a`` and output gradient ``s``; a row's weight gradient is
   ``s_i a_i^T`` (Conv2d: ``s_i patches(a_i)^T``, the patches copied once from a strided
   view), its bias gradient ``s_i`` summed over positions, copied into the (n, d) result.
-- vmap: ``torch.func.vmap(grad(loss))`` for any other model or a custom row cost.
+- vmap: ``torch.func.vmap(grad(loss))`` for any other model, several input columns or a
+  custom row cost.
+
+Inputs are one tensor (n, *shape) or, for a model of several input columns, a mapping of name
+-> tensor (``workloads.inputs``). Only trainable parameters (``requires_grad``) are
+differentiated: a model whose other parameters are frozen (``model.modules``) gets the
+gradients of the attributed ones only.
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+
+from workloads.inputs import Inputs, call_functional, num_rows, take, unsqueeze_rows
+
+RowCost = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A row's cost from its logits (1, C) and label (1,): a scalar."""
 
 ROW_WISE = (
     nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, nn.ReLU, nn.Tanh, nn.Sigmoid,
@@ -44,10 +55,10 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
 
 def per_sample_gradients(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     chunk_size: int = 256,
-    cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    cost: RowCost | None = None,
 ) -> torch.Tensor:
     """Gradients of ``cost(model(x_i), y_i)`` for every i: shape (n, d), model's dtype.
 
@@ -55,7 +66,7 @@ def per_sample_gradients(
     The model should be in eval mode (dropout off, BatchNorm on running statistics). Rows are
     processed ``chunk_size`` at a time (the memory bound of the intermediates).
     """
-    if cost is None and layerwise_supported(model):
+    if cost is None and isinstance(x, torch.Tensor) and layerwise_supported(model):
         return _layerwise(model, x, y, chunk_size)
     return _vmapped(model, x, y, chunk_size, cost or F.cross_entropy)
 
@@ -86,7 +97,8 @@ def _layerwise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: i
         offsets[id(p)] = start
         start += p.numel()
     out = torch.empty(x.shape[0], start, dtype=params[0].dtype, device=x.device)
-    layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)
+              and any(p.requires_grad for p in m.parameters(recurse=False))]
     for begin in range(0, x.shape[0], chunk_size):
         rows = slice(begin, begin + chunk_size)
         _layerwise_chunk(model, layers, params, x[rows], y[rows], out[rows], offsets)
@@ -156,15 +168,16 @@ def _vmapped(model, x, y, chunk_size, cost) -> torch.Tensor:
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def loss_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+    def loss_one(p: dict, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+        out = call_functional(model, (p, buffers), unsqueeze_rows(xi))
         return cost(out, yi.unsqueeze(0))
 
     # slices of chunk_size rows, each one plain vmap call: vmap's own chunk_size option is
     # ~1.7x slower on small MLPs (measured in benchmarks.speed)
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
     blocks = []
-    for start in range(0, x.shape[0], chunk_size):
-        grads = per_sample(params, x[start : start + chunk_size], y[start : start + chunk_size])
+    for start in range(0, num_rows(x), chunk_size):
+        rows = slice(start, start + chunk_size)
+        grads = per_sample(params, take(x, rows), y[rows])
         blocks.append(torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], 1))
-    return torch.cat(blocks) if blocks else x.new_zeros(0, parameter_count(model))
+    return torch.cat(blocks) if blocks else torch.zeros(0, parameter_count(model), device=y.device)

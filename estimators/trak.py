@@ -25,12 +25,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from estimators.base import Attribution, Checkpoint, Estimator, Needs, ScoringContext
+from estimators.factorized import FactorizedProjector
 from estimators.per_sample import parameter_count, parameter_order
 from estimators.projection import KINDS, ProjectionKind, Projector
 from estimators.targets import SummedLoss
+from workloads.inputs import (
+    Inputs,
+    call_functional,
+    call_model,
+    num_rows,
+    take,
+    to_device,
+    unsqueeze_rows,
+)
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,7 +58,7 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def margin_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256
+    model: nn.Module, x: Inputs, y: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """Per-sample gradients of ``margins``: (m, d) in ``parameter_order(model)``, model dtype.
 
@@ -58,19 +68,22 @@ def margin_gradients(
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def margin_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+    def margin_one(p: dict, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+        logits = call_functional(model, (p, buffers), unsqueeze_rows(xi))
         return margins(logits, yi.unsqueeze(0)).squeeze(0)
 
     per_sample = vmap(grad(margin_one), in_dims=(None, 0, 0), chunk_size=chunk_size)
     grads = per_sample(params, x, y)
-    return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
+    return torch.cat([grads[n].reshape(y.shape[0], -1) for n in names], dim=1)
 
 
 class TRAK(Estimator):
     """TRAK scores against the target's summed margin (spec section 5).
 
-    Options: ``k`` projection dimension (default 512); ``kind`` "rademacher" or "gaussian";
+    Options: ``k`` projection dimension (default 512); ``kind`` "rademacher", "gaussian" or
+    "factorized" (LoGra's per-layer Kronecker projection, ``estimators.factorized``, with
+    ``k_in`` x ``k_out`` per layer and Rademacher entries: the margin gradients are never
+    formed, and ``k`` is then the factorized width, not capped);
     ``regularization`` r, the kernel ridge ``lambda = r * trace(Phi^T Phi) / k`` (default 1e-6,
     relative, so the result does not depend on the feature scale); ``checkpoints`` "final"
     (one member per trained model: ``ctx.checkpoints`` and each of ``ctx.extra_models``) or
@@ -109,16 +122,19 @@ class TRAK(Estimator):
     def __init__(
         self,
         k: int = 512,
-        kind: ProjectionKind = "rademacher",
+        kind: ProjectionKind | Literal["factorized"] = "rademacher",
         regularization: float = 1e-6,
         checkpoints: Literal["final", "all"] = "final",
         chunk_size: int = 256,
         max_rows: int = 2**16,
+        k_in: int = 32,
+        k_out: int = 16,
     ) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
+        if k < 1 or k_in < 1 or k_out < 1:
+            raise ValueError(f"k, k_in and k_out must be >= 1, got {k}, {k_in}, {k_out}")
+        if kind not in (*KINDS, "factorized"):
+            raise ValueError(f"unknown projection kind {kind!r}; expected one of "
+                             f"{(*KINDS, 'factorized')}")
         if regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
         if checkpoints not in ("final", "all"):
@@ -131,6 +147,7 @@ class TRAK(Estimator):
         self.checkpoints = checkpoints
         self.chunk_size = chunk_size
         self.max_rows = max_rows
+        self.k_in, self.k_out = k_in, k_out
         self.needs = Needs(checkpoints=checkpoints, model=True, models=True)
         self.metadata: dict[str, Any] = {}
         """Filled by the last ``score``/``pairwise``: k used, lambdas, projector metadata."""
@@ -147,7 +164,7 @@ class TRAK(Estimator):
         """``tau(t, i)`` for every train row i and target row t: (train ids (n,), target ids
         (m,), (n, m) float64), project sign; the columns sum to ``score`` (summed-loss target)."""
         tau, q, _ = self._ensemble(ctx, pairwise=True)
-        m = ctx.target_x.shape[0]
+        m = num_rows(ctx.target_x)
         target_ids = ctx.target_ids if ctx.target_ids is not None else np.arange(m)
         return (
             np.asarray(ctx.train_ids, dtype=np.int64),
@@ -173,7 +190,7 @@ class TRAK(Estimator):
         members = self.members(ctx)
         tau_sum = q_sum = lev_sum = None
         self.metadata = {"method": self.name, "members": [], "convention": "positive=beneficial"}
-        projectors: dict[int, Projector | None] = {}
+        projectors: dict[int, Projector | FactorizedProjector | None] = {}
         for model_id, ckpt in members:
             model = ctx.model_at(ckpt)
             if model_id not in projectors:
@@ -187,55 +204,68 @@ class TRAK(Estimator):
         count = len(members)
         return tau_sum / count, q_sum / count, lev_sum / count
 
-    def _projector(self, ctx: ScoringContext, model: nn.Module, model_id: int) -> Projector | None:
+    def _projector(self, ctx: ScoringContext, model: nn.Module,
+                   model_id: int) -> Projector | FactorizedProjector | None:
         """Projector of one trained model, or None when the exact gradients are small enough."""
-        d, n = parameter_count(model), ctx.train_x.shape[0]
+        if self.kind == "factorized":
+            return FactorizedProjector.for_model(model, self.k_in, self.k_out, ctx.seed,
+                                                 model_id=model_id, block_rows=self.chunk_size)
+        d, n = parameter_count(model), num_rows(ctx.train_x)
         k_eff = min(self.k, max(1, n // 2))
         if d <= k_eff:
             return None
+        precision = "float64" if next(model.parameters()).dtype == torch.float64 else "float32"
         return Projector.for_model(
-            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows
+            model, k_eff, ctx.seed, self.kind, model_id=model_id, max_rows=self.max_rows,
+            precision=precision,
         )
 
     def _features(
-        self, model: nn.Module, projector: Projector | None, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, projector: Projector | FactorizedProjector | None,
+        x: Inputs, y: torch.Tensor,
     ) -> torch.Tensor:
         """phi rows (m, k): projected margin gradients / sqrt(d), or the gradients themselves."""
         d = parameter_count(model)
         dtype = next(model.parameters()).dtype
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if isinstance(projector, FactorizedProjector):
+            phi = projector.features(model, x, y, cost=margins, dtype=out_dtype)
+            return phi * math.sqrt(projector.k / d)
         rows = max(1, min(self.chunk_size, 2**27 // d))
         pieces = []
-        for start in range(0, x.shape[0], rows):
-            g = margin_gradients(model, x[start : start + rows], y[start : start + rows], rows)
+        for start in range(0, y.shape[0], rows):
+            g = margin_gradients(model, take(x, slice(start, start + rows)),
+                                 y[start : start + rows], rows)
             pieces.append(self._map(projector, g, d, out_dtype))
         if not pieces:
             k = d if projector is None else projector.k
-            return torch.zeros(0, k, dtype=out_dtype, device=x.device)
+            return torch.zeros(0, k, dtype=out_dtype, device=y.device)
         return torch.cat(pieces)
 
     @staticmethod
     def _map(
-        projector: Projector | None, g: torch.Tensor, d: int, out_dtype: torch.dtype
+        projector: Projector | FactorizedProjector | None, g: torch.Tensor, d: int,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         if projector is None:
             return g.to(out_dtype)
         return projector.project(g, dtype=out_dtype) * math.sqrt(projector.k / d)
 
     def _target_features(
-        self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
+        self, ctx: ScoringContext, model: nn.Module,
+        projector: Projector | FactorizedProjector | None, pairwise: bool
     ) -> torch.Tensor:
         """Target features (k, 1) summed, or (k, n_targets) per row, float64."""
-        x, y = ctx.target_x.to(ctx.device), ctx.target_y.to(ctx.device)
+        x, y = to_device(ctx.target_x, ctx.device), ctx.target_y.to(ctx.device)
         if pairwise:
             return self._features(model, projector, x, y).to(torch.float64).T
         d = parameter_count(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if isinstance(ctx.target, SummedLoss):
             total = torch.zeros(d, dtype=params[0].dtype, device=ctx.device)
-            for start in range(0, x.shape[0], self.chunk_size):
+            for start in range(0, y.shape[0], self.chunk_size):
                 rows = slice(start, start + self.chunk_size)
-                value = margins(model(x[rows]), y[rows]).sum()
+                value = margins(call_model(model, take(x, rows)), y[rows]).sum()
                 total += torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
         else:
             total = -ctx.target.gradient(model, x, y).to(params[0].dtype)
@@ -243,10 +273,11 @@ class TRAK(Estimator):
         return phi.to(torch.float64).T
 
     def _member(
-        self, ctx: ScoringContext, model: nn.Module, projector: Projector | None, pairwise: bool
+        self, ctx: ScoringContext, model: nn.Module,
+        projector: Projector | FactorizedProjector | None, pairwise: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """One member's tau (n, 1 or n_targets), Q (n,), leverage (n,) (all float64)."""
-        x, y = ctx.train_x.to(ctx.device), ctx.train_y.to(ctx.device)
+        x, y = to_device(ctx.train_x, ctx.device), ctx.train_y.to(ctx.device)
         phi = self._features(model, projector, x, y)
         k = phi.shape[1]
         kernel = torch.zeros(k, k, dtype=torch.float64, device=phi.device)
@@ -273,7 +304,8 @@ class TRAK(Estimator):
                 leverage[start : start + 4096] = (w * w).sum(dim=0)
         with torch.no_grad():
             step = self.chunk_size
-            f = [margins(model(x[s : s + step]), y[s : s + step]) for s in range(0, len(x), step)]
+            f = [margins(call_model(model, take(x, slice(s, s + step))), y[s : s + step])
+                 for s in range(0, y.shape[0], step)]
             q = torch.sigmoid(-torch.cat(f)).to(torch.float64)
         info = {
             "k": k,

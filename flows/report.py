@@ -53,6 +53,7 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
             _delta(pruned, random) if pruned else "",
         )
     console.print(table)
+    _print_attributed(console, summary.store, summary.run_id, config)
     n = len(full)
     console.print(
         f"test accuracy %, mean ± sd over {n} seeds: full data {_mean_sd(full)}, "
@@ -68,6 +69,18 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"  mlflow ui --backend-store-uri {Store(store).mlflow_uri}   "
         f"(parent run {summary.mlflow_run_id})"
     )
+
+
+def _print_attributed(console: Console, store: str, run_id: str, config: Config) -> None:
+    """``attributed parameters: d of D trainable (model.modules ...)`` from the train stage."""
+    rows = read_metrics(Store(store).run(run_id).metrics).to_pylist()
+    count = {m["name"]: int(m["value"]) for m in rows if m["stage"] == "train"
+             and m["name"] in ("attributed_parameters", "trainable_parameters")}
+    if len(count) == 2:
+        which = (f"model.modules {config.model.modules}" if config.model.modules
+                 else "every trainable parameter")
+        console.print(f"attributed parameters: {count['attributed_parameters']:,} of "
+                      f"{count['trainable_parameters']:,} trainable ({which})")
 
 
 def _print_report(console: Console, report: str | None) -> None:
@@ -111,6 +124,7 @@ def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float)
                       seconds, _fmt(row.get("peak_mb"), 1))
     console = _console()
     console.print(table)
+    _print_attributed(console, summary.store, summary.run_id, config)
     full = summary.table["full_data"]["test_accuracy"]
     rand = summary.table["random_removal"][f"prune_accuracy@{q}"]
     console.print(f"test accuracy: full data {100 * full:.2f}%, random removal of "

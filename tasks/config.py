@@ -43,14 +43,25 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "german_credit", "parquet", "synthetic"] = "digits"
+    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
     label_column: str = "label"
     feature_columns: list[str] | None = None
     group_column: str | None = None
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="row shape of a flat list column, e.g. {image: [1, "
+        "28, 28]} (else the Parquet schema metadata 'shapes', else the nesting of its lists)")
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("shapes")
+    @classmethod
+    def _positive_dims(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, dims in v.items():
+            if not dims or min(dims) < 1:
+                raise ValueError(f"shapes.{name}: a list of positive dimensions")
+        return v
 
     @model_validator(mode="after")
     def _path_means_parquet(self) -> DataConfig:
@@ -65,6 +76,30 @@ class ModelConfig(Section):
     name: Literal["logreg", "mlp", "cnn"] = "mlp"
     factory: str | None = Field(None, description="'package.module:function' building the model")
     hidden: int = Field(64, ge=1)
+    modules: list[str] | None = Field(
+        None, description="modules whose parameters are attributed: names or glob patterns "
+        "(e.g. ['encoder.layer.5', 'classifier*']); default every trainable parameter")
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+HOOK = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class TaskConfig(Section):
+    """What is differentiated (docs/howto.md): the training loss of a batch and the per-sample
+    measurement that the scores predict."""
+
+    loss: str | None = Field(
+        None, pattern=HOOK, description="'module:function' (logits, labels) -> the mean loss of "
+        "a batch; default cross-entropy. Used to train, retrain and for the stored gradients")
+    measurement: str = Field(
+        "loss", pattern=r"^(loss|margin|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="the per-sample cost of a target row: loss (cross-entropy), margin (minus "
+        "the logit margin) or 'module:function' (logits, labels) -> (m,) costs, lower is better")
 
 
 class CheckpointFile(Section):
@@ -103,10 +138,38 @@ class TrainConfig(Section):
         return v
 
 
+class ProjectionSpec(Section):
+    """``gradients.projection`` as a mapping: a dense kind with ``k``, or ``factorized`` (LoGra,
+    ``estimators.factorized``) with ``k_in`` x ``k_out`` per layer, entries ``entries``."""
+
+    kind: Literal["rademacher", "gaussian", "factorized"] = "rademacher"
+    k: int | None = Field(None, ge=1)
+    k_in: int | None = Field(None, ge=1)
+    k_out: int | None = Field(None, ge=1)
+    entries: Literal["rademacher", "gaussian"] = "rademacher"
+    precision: Literal["float32", "tf32", "bfloat16"] = Field(
+        "float32", description="dense kinds: the product's operands (tf32 on CUDA only)")
+
+    @model_validator(mode="after")
+    def _sizes_of_the_kind(self) -> ProjectionSpec:
+        if self.kind == "factorized":
+            if self.k_in is None or self.k_out is None or self.k is not None:
+                raise ValueError("projection kind factorized takes k_in and k_out (not k)")
+        elif self.k is None or self.k_in is not None or self.k_out is not None:
+            raise ValueError(f"projection kind {self.kind} takes k (not k_in/k_out)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How shards and tracking name this projection."""
+        return "factorized" if self.kind == "factorized" else self.kind
+
+
 class GradientsConfig(Section):
     shard_size: int = Field(512, ge=1)
-    projection: int | None = Field(
-        None, ge=1, description="store gradients randomly projected to this many dimensions"
+    projection: int | ProjectionSpec | None = Field(
+        None, description="store gradients randomly projected: k (dense, of projection_kind) "
+        "or {kind: rademacher|gaussian, k} or {kind: factorized, k_in, k_out}"
     )
     projection_kind: Literal["rademacher", "gaussian"] = "rademacher"
     memory_mb: int = Field(
@@ -115,6 +178,29 @@ class GradientsConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="stored precision; readers return float32 (16-bit: half the bytes)"
     )
+
+    @field_validator("projection", mode="before")
+    @classmethod
+    def _one_form(cls, v: Any) -> Any:
+        """A mapping is a ``ProjectionSpec`` (its own error, not the int branch's)."""
+        if isinstance(v, dict):
+            try:
+                return ProjectionSpec.model_validate(v)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("projection k must be >= 1")
+        return v
+
+    @property
+    def projection_spec(self) -> ProjectionSpec | None:
+        """The projection as a ``ProjectionSpec`` (an int k means ``{kind: projection_kind,
+        k}``), or None for unprojected gradients."""
+        if isinstance(self.projection, int):
+            return ProjectionSpec(kind=self.projection_kind, k=self.projection)
+        return self.projection
 
 
 class EstimatorSpec(BaseModel):
@@ -321,10 +407,16 @@ class MultistageConfig(Section):
         return self
 
 
+OWN_LOSS = ("loss", "ip_ensemble", "if_exact", "if_cg", "if_lissa", "if_arnoldi", "if_ekfac",
+            "diffin")
+"""Estimators that compute the training loss (cross-entropy) or its curvature themselves."""
+
+
 class Config(Section):
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     gradients: GradientsConfig = GradientsConfig()
     estimators: list[EstimatorSpec] = Field(default_factory=list)
@@ -366,6 +458,17 @@ class Config(Section):
                     f"estimators {full} need unprojected gradients; drop them or "
                     "gradients.projection"
                 )
+        if self.task.loss is not None:
+            own = [n for n in names if n in OWN_LOSS]
+            if own:
+                raise ValueError(f"task.loss: estimators {own} differentiate the cross-entropy "
+                                 "themselves; drop them or task.loss")
+            if self.train.models > 1:
+                raise ValueError("task.loss needs train.models 1 (the ensemble members' "
+                                 "gradients are of the cross-entropy)")
+        if self.task.measurement != "loss" and self.targets.utility != "loss":
+            raise ValueError("task.measurement replaces the per-sample loss of targets.utility "
+                             "loss; it can't be combined with another utility")
         missing = [b for b in self.prune.by if b not in names]
         if missing:
             raise ValueError(f"prune.by {missing} must be among the estimators {names}")

@@ -21,13 +21,14 @@ import torch
 from prefect import get_run_logger
 
 from estimators.base import Checkpoint, Estimator, ScoringContext
+from estimators.factorized import make_projector
 from estimators.gradient_source import InMemoryGradients
 from estimators.model_ensemble import GradientsFor, ModelEnsemble, averages_over_models
 from estimators.per_sample import per_sample_gradients
-from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.gradient_shards import STORED_DTYPES
 from tasks.config import Config
+from workloads.inputs import take, to_device
 
 
 def scored_estimator(config: Config, name: str) -> Estimator:
@@ -109,11 +110,11 @@ class ComputedGradients:
     def train_shards(self, checkpoint: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         ctx = self.ctx
         model = ctx.model_at(self._checkpoint(checkpoint))
-        x, y = ctx.train_x.to(ctx.device), ctx.train_y.to(ctx.device)
+        x, y = to_device(ctx.train_x, ctx.device), ctx.train_y.to(ctx.device)
         ids = np.asarray(ctx.train_ids, dtype=np.int64)
         for start in range(0, len(ids), self.shard_size):
             rows = slice(start, start + self.shard_size)
-            yield ids[rows], self._form.rows(per_sample_gradients(model, x[rows], y[rows],
+            yield ids[rows], self._form.rows(per_sample_gradients(model, take(x, rows), y[rows],
                                                                   chunk_size=256))
 
     def target(self, checkpoint: int) -> torch.Tensor:
@@ -136,7 +137,7 @@ class ComputedGradients:
         if checkpoint not in self._targets:
             ctx, cost = self.ctx, self.ctx.target
             model = ctx.model_at(self._checkpoint(checkpoint))
-            x, y = ctx.target_x.to(ctx.device), ctx.target_y.to(ctx.device)
+            x, y = to_device(ctx.target_x, ctx.device), ctx.target_y.to(ctx.device)
             rows = None
             if cost.decomposable:
                 rows = self._form.rows(per_sample_gradients(model, x, y, chunk_size=256,
@@ -151,10 +152,10 @@ class _StoredForm:
     kind as model 0's), rounded to ``gradients.dtype``, float32; targets projected in float64."""
 
     def __init__(self, config: Config, ctx: ScoringContext) -> None:
-        k, kind = config.gradients.projection, config.gradients.projection_kind
+        spec = config.gradients.projection_spec
         self.stored = STORED_DTYPES[config.gradients.dtype]
-        self.projector = (Projector.for_model(ctx.model_factory(), k, seed=config.seed,
-                                              kind=kind) if k else None)
+        self.projector = (make_projector(ctx.model_factory(), spec, config.seed)
+                          if spec is not None else None)
 
     def rows(self, g: torch.Tensor) -> torch.Tensor:
         if self.projector is not None:

@@ -28,6 +28,7 @@ from tasks.prune import MOST_HARMFUL
 from tasks.score import target_name
 from tasks.stage import stage
 from tasks.workload import load_workload
+from workloads.inputs import call_model, take
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def brittleness_targets(run: RunPaths, config: Config) -> np.ndarray:
     model = work.factory()
     model.load_state_dict(load_state_dict(final.path, final.sha256))
     with torch.no_grad():
-        right = model.eval()(work.x[order]).argmax(1) == work.test_labels()[order]
+        logits = call_model(model.eval(), take(work.x, order))
+        right = logits.argmax(1) == work.test_labels()[order]
     return ids[right.numpy()][: config.evaluate.brittleness.targets]
 
 

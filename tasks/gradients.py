@@ -19,7 +19,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from estimators.per_sample import parameter_count, parameter_order, per_sample_gradients
+from estimators.factorized import FactorizedProjector, make_projector, rows_of_cost
+from estimators.per_sample import (
+    RowCost,
+    parameter_count,
+    parameter_order,
+    per_sample_gradients,
+)
 from estimators.projection import Projector
 from estimators.registry import make_estimator
 from storage.checkpoints import CheckpointRecord, load_state_dict
@@ -36,9 +42,10 @@ from storage.tracking import Tracking
 from tasks.config import Config
 from tasks.progress import StageProgress
 from tasks.stage import stage
-from tasks.utility import utility_gradient_rows, utility_row_count, utility_split
+from tasks.utility import row_cost, utility_gradient_rows, utility_row_count, utility_split
 from tasks.workload import load_workload
 from workloads.datasets import SPLITS
+from workloads.inputs import Inputs, take, to_device
 
 
 @dataclass(frozen=True)
@@ -99,16 +106,24 @@ def chunk_rows(parameters: int, memory_mb: int) -> int:
     return rows // 256 * 256 if rows >= 256 else rows
 
 
-def shard_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    projector: Projector | None, rows: int) -> torch.Tensor:
-    """Per-sample gradients of ``model`` on (x, y), projected when ``projector`` is given,
-    ``rows`` at a time (the memory bound): (m, k or d) float32 on the CPU."""
+def shard_gradients(model: torch.nn.Module, x: Inputs, y: torch.Tensor,
+                    projector: Projector | FactorizedProjector | None, rows: int,
+                    cost: RowCost | None = None, first_row: int = 0) -> torch.Tensor:
+    """Per-sample gradients of ``cost`` (default cross-entropy) of ``model`` on (x, y),
+    projected when ``projector`` is given, ``rows`` at a time (the memory bound, on any
+    device): (m, k or d) float32 on the CPU. A factorized projector computes its features from
+    hooks (no (rows, d) tensor). ``first_row``: the split index of row 0 (the projectors align
+    their blocks to it)."""
+    if isinstance(projector, FactorizedProjector):
+        features = projector.features(model, x, y, cost=rows_of_cost(cost), first_row=first_row)
+        return features.to(device="cpu", dtype=torch.float32)
     blocks = []
-    for start in range(0, x.shape[0], rows):
-        grads = per_sample_gradients(model, x[start : start + rows], y[start : start + rows],
-                                     chunk_size=min(rows, 256))
+    for start in range(0, y.shape[0], rows):
+        grads = per_sample_gradients(model, take(x, slice(start, start + rows)),
+                                     y[start : start + rows], chunk_size=min(rows, 256),
+                                     cost=cost)
         if projector is not None:
-            grads = projector.project(grads)
+            grads = projector.project(grads, first_row=first_row + start)
         blocks.append(grads.to(device="cpu", dtype=torch.float32))
     return torch.cat(blocks)
 
@@ -154,9 +169,10 @@ def _complete(path, record: CheckpointRecord, config: Config) -> bool:
     except BadInput as exc:
         get_run_logger().warning("gradients: %s; recomputing it", exc)
         return False
-    k = config.gradients.projection
+    spec = config.gradients.projection_spec
     return meta.model_hash == record.sha256 and meta.dtype == config.gradients.dtype and (
-        meta.projection is None if k is None else meta.k == k
+        meta.projection is None if spec is None
+        else meta.projection == spec.label and (spec.k is None or meta.k == spec.k)
     )
 
 
@@ -170,26 +186,27 @@ def gradient_shard(run: RunPaths, config: Config, job: ShardJob) -> ShardResult:
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = load_workload(run, config)
-    model = work.factory()
+    model = work.attributed()
     model.load_state_dict(load_state_dict(job.checkpoint.path, job.checkpoint.sha256))
     model = model.to(device()).eval()
-    k = config.gradients.projection
-    projector = (Projector.for_model(model, k, seed=config.seed,
-                                     kind=config.gradients.projection_kind) if k else None)
+    spec = config.gradients.projection_spec
+    projector = make_projector(model, spec, config.seed) if spec is not None else None
     if job.split in SPLITS:
         rows = work.rows(job.split)[job.start : job.stop]
         ids = work.samples.sample_id[rows].astype(np.int64)
-        grads = shard_gradients(model, work.x[rows].to(device()), work.y[rows].to(device()),
+        grads = shard_gradients(model, to_device(take(work.x, rows), device()),
+                                work.y[rows].to(device()),
                                 projector, chunk_rows(parameter_count(model),
-                                                      config.gradients.memory_mb))
+                                                      config.gradients.memory_mb),
+                                row_cost(config, job.split), job.start)
     else:
         ids, grads = utility_gradient_rows(run, config, work, model, job.start, job.stop,
                                            device())
         if projector is not None:
-            grads = projector.project(grads)
+            grads = projector.project(grads, first_row=job.start)
     meta = ShardMeta(
-        dtype=config.gradients.dtype, projection=config.gradients.projection_kind if k else None,
-        k=grads.shape[1], seed=config.seed if k else None,
+        dtype=config.gradients.dtype, projection=spec.label if spec else None,
+        k=grads.shape[1], seed=config.seed if spec else None,
         parameter_order=parameter_order(model), parameter_count=parameter_count(model),
         checkpoint=job.checkpoint.checkpoint, model_hash=job.checkpoint.sha256, split=job.split,
     )
@@ -215,7 +232,7 @@ def gradients_stage(
         rec.params({"shards": len(jobs), "shard_size": config.gradients.shard_size,
                     "checkpoints": len({j.checkpoint.checkpoint for j in jobs}),
                     "device": str(device()),
-                    "projection": config.gradients.projection or "none"})
+                    "projection": _projection_label(config)})
         started = time.perf_counter()
         with _placement(config):
             futures = [gradient_shard.submit(run, config, job) for job in jobs]
@@ -236,3 +253,12 @@ def gradients_stage(
         if computed:
             rate = sum(r.samples for r in computed) / (time.perf_counter() - started)
             rec.metric("gradients_per_second", rate)
+
+
+def _projection_label(config: Config) -> str:
+    spec = config.gradients.projection_spec
+    if spec is None:
+        return "none"
+    if spec.kind == "factorized":
+        return f"factorized {spec.k_in}x{spec.k_out}"
+    return f"{spec.kind} {spec.k}"

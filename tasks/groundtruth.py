@@ -22,6 +22,7 @@ from storage.store import RunPaths
 from tasks.config import Config
 from tasks.retrain import train_without
 from tasks.workload import Workload, load_workload
+from workloads.inputs import call_model, take
 
 OUTCOME_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),
@@ -56,10 +57,10 @@ class Outcome:
 
 
 def data_fingerprint(work: Workload) -> str:
-    """sha256 of what training sees: ids, splits, labels and features."""
+    """sha256 of what training sees: ids, splits, labels and inputs."""
     h = hashlib.sha256()
     s = work.samples
-    for array in (s.sample_id, s.label, s.x):
+    for array in (s.sample_id, s.label, *s.inputs.values()):
         h.update(np.ascontiguousarray(array).tobytes())
     h.update("|".join(s.split.tolist()).encode())
     return h.hexdigest()
@@ -102,7 +103,7 @@ def retrain_outcome(
     labels = torch.where(torch.from_numpy(work.samples.split[rows] == "test"),
                          work.test_labels()[rows], work.y[rows])
     with torch.no_grad():
-        logits = model(work.x[rows]).to(torch.float64)
+        logits = call_model(model, take(work.x, rows)).to(torch.float64)
     loss = F.cross_entropy(logits, labels, reduction="none")
     true = logits.gather(1, labels[:, None])[:, 0]
     others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(dim=1)

@@ -3,6 +3,7 @@ evaluation rows, and its scores and samples through the DuckDB views."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ with ranked as (
     from scores where target = $target and isfinite(score)
 )
 select r.estimator, r.harm, r.help, r.sample_id, r.score, m.label, m.clean_label, m.corrupted,
-       m.features
+       m."{column}"
 from ranked r join samples m using (sample_id)
 where r.harm <= $k or r.help <= $k
 order by r.estimator, r.harm
@@ -106,7 +107,8 @@ def read_report_data(run: RunPaths) -> ReportData:
             columns = con.execute(_SCORES_SQL, params | {"estimator": name}).fetchnumpy()
             scores[name] = np.asarray(columns["score"], dtype=np.float64)
             flags[name] = np.ma.asarray(columns["corrupted"])  # masked where unknown (null)
-        extremes = con.execute(_EXTREMES_SQL, params | {"k": EXTREMES}).fetchall()
+        sql = _EXTREMES_SQL.format(column=_first_input(run).replace('"', '""'))
+        extremes = con.execute(sql, params | {"k": EXTREMES}).fetchall()
     known = bool(names) and not any(np.ma.is_masked(f) for f in flags.values())
     flags = {e: np.asarray(f, dtype=bool) for e, f in flags.items()}
     harmful: dict[str, list[SampleRow]] = defaultdict(list)
@@ -146,6 +148,12 @@ def _feature_names(config: Config) -> list[str] | None:
         return None
     reserved = {d.label_column, "sample_id", "split", d.group_column or "group"}
     return [name for name in names if name not in reserved]
+
+
+def _first_input(run: RunPaths) -> str:
+    """The samples.parquet column of the first input (the one shown)."""
+    meta = read_parquet_schema(run.samples).metadata or {}
+    return next(iter(json.loads(meta.get(b"inputs", b'{"features": 0}'))))
 
 
 def _input_shape(run: RunPaths) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from tasks.prune import Removal
 from tasks.stage import stage
 from tasks.utility import model_metrics
 from tasks.workload import Workload, load_workload
+from workloads.inputs import take
 from workloads.models import seeded_model
 from workloads.training import train
 
@@ -29,7 +30,8 @@ def train_without(work: Workload, removed: tuple[int, ...], seed: int) -> torch.
     rows = work.rows("train")
     keep = ~np.isin(work.samples.sample_id[rows], removed)
     model = seeded_model(work.factory, seed)
-    train(model, work.x[rows], work.y[rows], work.recipe, seed, keep=keep)
+    train(model, take(work.x, rows), work.y[rows], work.recipe, seed, keep=keep,
+          loss_fn=work.loss)
     return model
 
 

@@ -19,7 +19,6 @@ from prefect.cache_policies import NO_CACHE
 from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
 from estimators.model_ensemble import ModelEnsemble
-from estimators.targets import SummedLoss
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
@@ -32,8 +31,9 @@ from tasks.memory import peak_memory
 from tasks.plots import score_distributions
 from tasks.progress import StageProgress
 from tasks.stage import stage
-from tasks.utility import make_target, target_inputs, utility_split
+from tasks.utility import make_target, measurement, target_inputs, utility_split
 from tasks.workload import load_workload
+from workloads.inputs import take
 
 SCORE_SCHEMA = pa.schema(
     [("sample_id", pa.int64()), ("score", pa.float64()), ("suspicion", pa.float64())]
@@ -71,7 +71,7 @@ def scoring_context(
         ids = pairwise_targets(config, work.samples.sample_id[test])
         target = test[np.isin(work.samples.sample_id[test], ids)]
         gradients = StoredGradients(run, "test", ids)
-        target_x, cost = work.x[target], SummedLoss()
+        target_x, cost = take(work.x, target), measurement(config)
     else:
         target = work.rows(config.targets.split)
         gradients = StoredGradients(run, utility_split(config))
@@ -79,10 +79,10 @@ def scoring_context(
         cost = make_target(config, work, target)
     members = sorted({r.model for r in records} - {0})
     return ScoringContext(
-        model_factory=work.factory,
+        model_factory=work.attributed,
         checkpoints=[_checkpoint(r) for r in records if r.model == 0],
         train_ids=work.samples.sample_id[train],
-        train_x=work.x[train],
+        train_x=take(work.x, train),
         train_y=work.y[train],
         target_x=target_x,
         target_y=work.y[target],

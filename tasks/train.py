@@ -7,6 +7,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from estimators.per_sample import parameter_count
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import (
     CheckpointRecord,
@@ -23,13 +24,16 @@ from storage.tracking import Tracking
 from tasks.config import Config
 from tasks.progress import StageProgress
 from tasks.stage import stage
-from tasks.utility import check_utility
+from tasks.utility import check_utility, measurement
 from tasks.workload import Workload, factory_for, load_workload
 from workloads.datasets import Samples, load_digits, load_parquet, samples_table
 from workloads.german_credit import load_german_credit
+from workloads.inputs import batch_inputs, call_model, model_inputs, take
+from workloads.mnist import load_mnist5k
 from workloads.models import seeded_model
 from workloads.noise import flip_labels
 from workloads.synthetic import SyntheticSpec, load_synthetic
+from workloads.task import attributed_names, training_loss
 from workloads.training import CheckpointEvent, accuracy, train
 
 
@@ -39,6 +43,8 @@ def load_samples(config: Config) -> Samples:
     fractions = d.splits.model_dump()
     if d.name == "digits":
         samples = load_digits(fractions, config.seed)
+    elif d.name == "mnist5k":
+        samples = load_mnist5k(fractions, config.seed)
     elif d.name == "german_credit":
         samples = load_german_credit(fractions, config.seed)
     elif d.name == "synthetic":
@@ -49,6 +55,7 @@ def load_samples(config: Config) -> Samples:
         samples = load_parquet(
             d.path, label_column=d.label_column, feature_columns=d.feature_columns,
             group_column=d.group_column, fractions=fractions, seed=config.seed,
+            shapes={name: tuple(dims) for name, dims in d.shapes.items()},
         )
     for split in ("train", "val", "test"):
         if len(samples.indices(split)) == 0:
@@ -67,8 +74,10 @@ def preflight(config: Config) -> None:
     samples = load_samples(config)
     check_utility(config, samples)
     model = factory_for(config, samples)()
-    with torch.no_grad():
-        out = model(torch.from_numpy(samples.x[:2]))
+    attributed_names(model, config.model.modules)
+    training_loss(config.task.loss)
+    measurement(config)
+    out = probe(model, samples)
     if out.ndim != 2 or out.shape[1] < samples.num_classes:
         raise BadInput(
             f"model output has shape {tuple(out.shape)}; expected (n, {samples.num_classes}) logits"
@@ -76,6 +85,21 @@ def preflight(config: Config) -> None:
     if isinstance(config.train.checkpoints, list):
         for ckpt in config.train.checkpoints:
             _load_into(model, ckpt.path)
+
+
+def probe(model: torch.nn.Module, samples: Samples) -> torch.Tensor:
+    """The model's output on the first two train rows; BadInput (with the input shapes) when
+    the model can't take them, e.g. an image shape its first layer does not accept."""
+    rows = samples.indices("train")[:2]
+    batch = model_inputs(batch_inputs(samples.inputs, rows))
+    try:
+        with torch.no_grad():
+            return call_model(model.eval(), batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shapes = ", ".join(f"{n} {s}" for n, s in samples.row_shapes().items())
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"the model does not accept the inputs (rows of {shapes}): "
+                       f"{first}") from None
 
 
 def _load_into(model: torch.nn.Module, path: str) -> None:
@@ -117,13 +141,15 @@ def train_stage(run: RunPaths, config: Config, tracking: Tracking) -> list[Check
             records = [r for member in range(config.train.models)
                        for r in _train_and_capture(run, config, work, rec, epochs, member)]
         write_checkpoint_index(run.checkpoints_dir, records)
+        rec.metric("trainable_parameters", parameter_count(work.factory()))
+        rec.metric("attributed_parameters", parameter_count(work.attributed()))
         last = [r for r in records if r.model == 0][-1]
         final = work.factory()
         final.load_state_dict(load_state_dict(last.path, last.sha256))
         for split in ("train", "val", "test"):
             idx = work.rows(split)
             labels = work.test_labels() if split == "test" else work.y
-            rec.metric(f"{split}_accuracy", accuracy(final, work.x[idx], labels[idx]))
+            rec.metric(f"{split}_accuracy", accuracy(final, take(work.x, idx), labels[idx]))
     return records
 
 
@@ -150,8 +176,9 @@ def _train_and_capture(run, config, work: Workload, rec, epochs: StageProgress, 
         epochs.advance(note=f"model {member + 1}/{config.train.models}, epoch {epoch}, "
                             f"loss {loss:.4f}")
 
-    losses = train(model, work.x[idx], work.y[idx], work.recipe, seed,
-                   checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress)
+    losses = train(model, take(work.x, idx), work.y[idx], work.recipe, seed,
+                   checkpoints=config.train.checkpoints, on_checkpoint=capture, on_epoch=progress,
+                   loss_fn=work.loss)
     if member == 0:
         for step, loss in enumerate(losses):
             rec.metric("loss", loss, step=step)

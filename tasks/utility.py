@@ -24,9 +24,9 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from estimators.fairness_targets import FAIRNESS_TARGETS, fairness_gaps
-from estimators.per_sample import per_sample_gradients
+from estimators.per_sample import RowCost, per_sample_gradients
 from estimators.robustness_targets import AdversarialLoss, fgsm, pgd
-from estimators.targets import SummedLoss, Target
+from estimators.targets import MarginTarget, MeasuredCost, SummedLoss, Target
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.errors import BadInput
@@ -36,6 +36,8 @@ from tasks.config import Config
 from tasks.stage import stage
 from tasks.workload import Workload, load_workload
 from workloads.datasets import Samples
+from workloads.inputs import Inputs, call_model, take, to_device
+from workloads.task import resolve_hook, training_loss
 from workloads.training import accuracy
 
 FAIRNESS_ID = -1
@@ -59,6 +61,10 @@ def check_utility(config: Config, samples: Samples) -> None:
     if u in FAIRNESS_TARGETS and not has_binary_groups(samples):
         raise BadInput(f"targets.utility {u} needs binary labels and a 0/1 group column "
                        "(e.g. data.name german_credit, or a parquet with a group column)")
+    if u == "robustness" and (len(samples.inputs) != 1 or not np.issubdtype(
+            samples.x.dtype, np.floating)):
+        raise BadInput("targets.utility robustness perturbs one floating input column; the data "
+                       f"has {list(samples.inputs)}")
     if config.deletion.by == "group" and samples.group is None:
         raise BadInput("deletion.by group needs a group column in the data")
 
@@ -68,7 +74,27 @@ def make_target(config: Config, work: Workload, rows: np.ndarray) -> Target:
     u = config.targets.utility
     if u in FAIRNESS_TARGETS:
         return FAIRNESS_TARGETS[u](work.samples.group[rows])
-    return AdversarialLoss() if u == "robustness" else SummedLoss()
+    return AdversarialLoss() if u == "robustness" else measurement(config)
+
+
+def measurement(config: Config) -> Target:
+    """The summed per-sample measurement of target rows (``task.measurement``): the loss, minus
+    the margin, or a user's per-row cost."""
+    spec = config.task.measurement
+    if spec == "loss":
+        return SummedLoss()
+    if spec == "margin":
+        return MarginTarget()
+    return MeasuredCost(spec, resolve_hook(spec, "task.measurement"))
+
+
+def row_cost(config: Config, split: str) -> RowCost | None:
+    """The cost whose per-sample gradients the gradient stage stores for ``split``: the
+    training loss (``task.loss``) for train, the measurement for the others; None for the
+    cross-entropy (the closed-form route of ``per_sample_gradients``)."""
+    if split == "train":
+        return None if config.task.loss is None else training_loss(config.task.loss)
+    return None if config.task.measurement == "loss" else measurement(config).cost
 
 
 def adversarial_path(run: RunPaths, split: str) -> Path:
@@ -76,12 +102,12 @@ def adversarial_path(run: RunPaths, split: str) -> Path:
     return run.dir / "adversarial" / f"split={split}" / "part-0.parquet"
 
 
-def target_inputs(run: RunPaths, config: Config, work: Workload, split: str) -> torch.Tensor:
+def target_inputs(run: RunPaths, config: Config, work: Workload, split: str) -> Inputs:
     """The feature rows the target is evaluated on: the split's rows, or (robustness) their
     frozen adversarial versions, in ``work.rows(split)`` order."""
     rows = work.rows(split)
     if config.targets.utility != "robustness":
-        return work.x[rows]
+        return take(work.x, rows)
     return adversarial_rows(run, work, split)
 
 
@@ -163,10 +189,11 @@ def utility_gradient_rows(
     the single row grad U with id ``FAIRNESS_ID``."""
     rows = work.rows(config.targets.split)
     y = work.y[rows].to(device)
-    x = target_inputs(run, config, work, config.targets.split).to(device)
+    x = to_device(target_inputs(run, config, work, config.targets.split), device)
     if config.targets.utility == "robustness":
         ids = work.samples.sample_id[rows][start:stop]
-        return ids.astype(np.int64), per_sample_gradients(model, x[start:stop], y[start:stop])
+        return ids.astype(np.int64), per_sample_gradients(model, take(x, slice(start, stop)),
+                                                          y[start:stop])
     target = make_target(config, work, rows)
     grad = target.gradient(model, x, y).to(next(model.parameters()).dtype)
     return np.array([FAIRNESS_ID], dtype=np.int64), grad.unsqueeze(0)
@@ -181,8 +208,8 @@ def model_metrics(run: RunPaths, config: Config, work: Workload, model: nn.Modul
     the configured utility U on the target rows (the quantity the scores predict)."""
     model.eval()
     test = work.rows("test")
-    x, y = work.x[test], work.test_labels()[test]
-    logits = model(x)
+    x, y = take(work.x, test), work.test_labels()[test]
+    logits = call_model(model, x)
     out = {"test_accuracy": float((logits.argmax(1) == y).float().mean()),
            "test_loss": float(F.cross_entropy(logits, y))}
     if has_binary_groups(work.samples):
@@ -193,5 +220,5 @@ def model_metrics(run: RunPaths, config: Config, work: Workload, model: nn.Modul
     rows = work.rows(config.targets.split)
     target = make_target(config, work, rows)
     tx = target_inputs(run, config, work, config.targets.split)
-    out["target_cost"] = float(target.cost(model(tx), work.y[rows]))
+    out["target_cost"] = float(target.cost(call_model(model, tx), work.y[rows]))
     return out

@@ -12,16 +12,20 @@ import torch
 from storage.store import RunPaths
 from tasks.config import Config
 from workloads.datasets import Samples, read_samples
+from workloads.inputs import Inputs, model_inputs
 from workloads.models import ModelFactory, model_factory
-from workloads.training import Recipe
+from workloads.task import attributed_factory, training_loss
+from workloads.training import LossFn, Recipe
 
 
 @dataclass(frozen=True)
 class Workload:
     samples: Samples
-    factory: ModelFactory
+    factory: ModelFactory  # the model as trained (every trainable parameter)
+    attributed: ModelFactory  # the same with parameters outside model.modules frozen
     recipe: Recipe
-    x: torch.Tensor  # (n, f) float32, all samples
+    loss: LossFn  # the training loss of a batch (task.loss; cross-entropy by default)
+    x: Inputs  # all samples: one (n, *shape) tensor, or name -> tensor (workloads.inputs)
     y: torch.Tensor  # (n,) int64, labels as trained on
 
     def rows(self, split: str) -> np.ndarray:
@@ -43,10 +47,11 @@ def recipe(config: Config) -> Recipe:
 
 
 def factory_for(config: Config, samples: Samples) -> ModelFactory:
+    first = next(iter(samples.inputs.values()))
     return model_factory(
-        config.model.name, config.model.factory, input_dim=samples.x.shape[1],
+        config.model.name, config.model.factory, input_dim=int(np.prod(first.shape[1:])),
         input_shape=samples.input_shape, num_classes=samples.num_classes,
-        hidden=config.model.hidden,
+        hidden=config.model.hidden, input_shapes=samples.row_shapes(),
     )
 
 
@@ -58,10 +63,13 @@ def _samples(path: Path, mtime_ns: int) -> Samples:
 def load_workload(run: RunPaths, config: Config) -> Workload:
     """The run's workload from samples.parquet (cached per process)."""
     samples = _samples(run.samples, run.samples.stat().st_mtime_ns)
+    factory = factory_for(config, samples)
     return Workload(
         samples=samples,
-        factory=factory_for(config, samples),
+        factory=factory,
+        attributed=attributed_factory(factory, config.model.modules),
         recipe=recipe(config),
-        x=torch.from_numpy(samples.x),
+        loss=training_loss(config.task.loss),
+        x=model_inputs({name: torch.from_numpy(col) for name, col in samples.inputs.items()}),
         y=torch.from_numpy(samples.label),
     )

@@ -64,7 +64,7 @@ def load_german_credit(fractions: dict[str, float], seed: int) -> Samples:
     x = np.stack(columns, axis=1)
     return Samples(
         sample_id=np.arange(n, dtype=np.int64),
-        x=x,
+        inputs={"features": x},
         label=label,
         split=split,
         num_classes=2,

@@ -67,7 +67,7 @@ def load_synthetic(spec: SyntheticSpec, fractions: dict[str, float]) -> Samples:
     x, label = synthetic_rows(spec, 0, spec.n)
     return Samples(
         sample_id=np.arange(spec.n, dtype=np.int64),
-        x=x,
+        inputs={"features": x},
         label=label,
         split=assign_splits(spec.n, fractions, spec.seed),
         num_classes=spec.classes,

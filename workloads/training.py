@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workloads.inputs import Inputs, call_model, take
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits (m, C), labels (m,)) -> the mean loss of the batch, a scalar."""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -57,7 +62,7 @@ def checkpoint_epochs(epochs: int, count: int) -> list[int]:
 
 def train(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     recipe: Recipe,
     seed: int,
@@ -65,8 +70,10 @@ def train(
     on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     keep: np.ndarray | None = None,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> list[float]:
-    """Train ``model`` in place on (x (n, f), y (n,)); returns the loss of every step.
+    """Train ``model`` in place on (x (n rows of inputs, ``workloads.inputs``), y (n,));
+    returns the loss of every step. ``loss_fn(logits, labels)``: the mean loss of a batch.
 
     Deterministic given ``seed`` (data order) and the model's initial state. ``keep`` (n,) bool
     drops samples while keeping everything else fixed: the same data order and batches (a
@@ -101,7 +108,7 @@ def train(
                 continue
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_fn(call_model(model, take(x, idx)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -121,6 +128,9 @@ def train(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(model: nn.Module, x: Inputs, y: torch.Tensor, batch: int = 1024) -> float:
+    """The share of rows whose arg-max logit is the label (evaluated ``batch`` rows at a time)."""
     model.eval()
-    return float((model(x).argmax(dim=1) == y).float().mean())
+    right = sum(int((call_model(model, take(x, slice(s, s + batch))).argmax(dim=1)
+                     == y[s : s + batch]).sum()) for s in range(0, len(y), batch))
+    return right / len(y) if len(y) else float("nan")

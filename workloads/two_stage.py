@@ -107,7 +107,7 @@ def split_tasks(samples: Samples, pretrain_classes: list[int],
     kept = replace(
         samples,
         sample_id=samples.sample_id[rows],
-        x=samples.x[rows],
+        inputs={name: col[rows] for name, col in samples.inputs.items()},
         label=relabel(truth[rows]),
         split=samples.split[rows],
         num_classes=max(len(pretrain_classes), len(finetune_classes)),

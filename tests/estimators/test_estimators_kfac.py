@@ -247,6 +247,31 @@ def test_pairwise_stream_scores_batch_by_batch_each_target_alone(mlp, kind) -> N
                                    atol=1e-10 * np.abs(expected).max())
 
 
+def test_targets_in_chunks_sized_by_the_memory_budget(mlp) -> None:
+    """A budget that fits fewer targets than asked splits them into chunks (factors fitted
+    once): the same blocks of train rows and the same scores as all targets at once."""
+    ctx = dataclasses.replace(mlp, target_x=mlp.target_x[:7], target_y=mlp.target_y[:7],
+                              target_ids=np.arange(7), batch_size=64)
+    whole = EKFACInfluence()
+    small = EKFACInfluence(target_memory_mb=1)
+    model, blocks = small._setup(ctx)
+    per_row = 8 * sum(b.module.weight.numel() + (b.bias is not None) * b.module.weight.shape[0]
+                      for b in blocks)
+    chunk = small.target_chunk(small._factors(ctx, model, blocks))
+    assert chunk == max(1, 2**20 // per_row)
+    tiny = EKFACInfluence(target_rows=3)  # 3 + 3 + 1 targets
+    fits = [(i.copy(), s.clone()) for i, s in whole.pairwise_stream(ctx).blocks]
+    chunked = [(i.copy(), s.clone()) for i, s in tiny.pairwise_stream(ctx).blocks]
+    assert [len(i) for i, _ in chunked] == [len(i) for i, _ in fits]
+    for (ids_a, a), (ids_b, b) in zip(fits, chunked, strict=True):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="target_memory_mb"):
+        EKFACInfluence(target_memory_mb=0)
+    with pytest.raises(ValueError, match="target_rows"):
+        EKFACInfluence(target_rows=0)
+
+
 def test_seeded_sampling_and_options(mlp) -> None:
     first = EKFACInfluence().score(mlp)
     again = EKFACInfluence().score(mlp)

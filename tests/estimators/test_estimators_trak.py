@@ -81,7 +81,8 @@ def test_mislabeled_duplicates_score_negative(mislabeled_case, model_kind, capsy
     assert ranks.max() < 20  # top ~6% (leverage is shared among the copies)
 
 
-@pytest.mark.parametrize("options", [{}, {"k": 24}, {"checkpoints": "all", "k": 64}])
+@pytest.mark.parametrize("options", [{}, {"k": 24}, {"checkpoints": "all", "k": 64},
+                                     {"kind": "factorized", "k_in": 8, "k_out": 3}])
 def test_pairwise_columns_sum_to_the_summed_score(convex, mlp, options) -> None:
     for ctx in (convex["few"], mlp["ctx"]):
         estimator = TRAK(**options)
@@ -105,8 +106,9 @@ def test_deterministic_in_the_seed(mlp) -> None:
     assert np.array_equal(first.suspicion, again.suspicion)
     other = TRAK(k=64).score(dataclasses.replace(ctx, seed=1))
     assert not np.allclose(first.score, other.score)
-    # another seed is another random projection of the same features: still well correlated
-    assert spearmanr(first.score, other.score)[0] > 0.5
+    # another seed is another random projection of the same features: still correlated (over
+    # the 10 pairs of seeds 0-4 with the counter-hash P: Spearman 0.48 to 0.61)
+    assert spearmanr(first.score, other.score)[0] > 0.4
 
 
 def _correct_class_probability(ctx, checkpoint) -> np.ndarray:

@@ -10,6 +10,8 @@ import hashlib
 import re
 import shlex
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +25,12 @@ from storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = re.compile(r"<([A-Za-z0-9._-]+)>")
+RGB_MODEL = """
+from torch import nn
+
+def make(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+"""
 
 
 def _table_rows(doc: Path) -> list[dict[str, str]]:
@@ -59,7 +67,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
+def world(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The files and the store the commands name: placeholder -> its text."""
     files = tmp_path_factory.mktemp("inputs")
     (files / "unknown-key.yaml").write_text("seed: 0\ntrian:\n  epochs: 3\n")
@@ -69,6 +77,12 @@ def world(tmp_path_factory) -> dict[str, str]:
     pq.write_table(pa.table({"a": [0.1, 0.2, 0.3], "label": [0, 1, -1]}),
                    files / "negative-labels.parquet")
     (files / "garbage.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    pq.write_table(pa.table({"image": [[[0.1, 0.2]], [[0.3]], [[0.4, 0.5]]], "label": [0, 1, 0]}),
+                   files / "ragged.parquet")
+    pq.write_table(pa.table({"image": [[[[0.5] * 4] * 4]] * 30, "label": [0, 1, 2] * 10}),
+                   files / "images.parquet")
+    (files / "rgb_models.py").write_text(RGB_MODEL)
+    sys.path.insert(0, str(files))
     torch.save({"weight": torch.zeros(3, 3)}, files / "other-model.pt")
     (files / "garbage.pt").write_bytes(b"not a checkpoint")
 
@@ -86,8 +100,9 @@ def world(tmp_path_factory) -> dict[str, str]:
 
     names = {p.name: str(p) for p in files.iterdir()}
     names |= {n: str(files / n) for n in ("missing.yaml", "missing.parquet", "missing.pt")}
-    return names | {"store": str(store.root), "run": run.run_id, "damaged-run": "damaged-run",
-                    "broken-run": "broken-run"}
+    yield names | {"store": str(store.root), "run": run.run_id, "damaged-run": "damaged-run",
+                   "broken-run": "broken-run"}
+    sys.path.remove(str(files))
 
 
 def _fill(text: str, world: dict[str, str]) -> str:

@@ -226,3 +226,27 @@ def test_config_yaml_round_trips() -> None:
     assert config_yaml(again) == text
     # and it is a real comparison: a changed value is not equal
     assert validate(yaml.safe_load(text.replace("seed: 9", "seed: 8"))) != cfg
+
+
+def test_projection_forms() -> None:
+    """The int form (dense, of projection_kind), the dense mapping and the factorized mapping;
+    sizes of the wrong kind, k < 1 and unknown kinds are one-line errors."""
+    base = ["estimators=[ip]", "prune.by=ip"]
+    legacy = load_config(None, [*base, "gradients.projection=64",
+                                "gradients.projection_kind=gaussian"]).gradients
+    assert (legacy.projection_spec.kind, legacy.projection_spec.k) == ("gaussian", 64)
+    dense = load_config(None, [*base, "gradients.projection={kind: rademacher, k: 32, "
+                                      "precision: bfloat16}"])
+    assert dense.gradients.projection_spec.label == "rademacher"
+    assert dense.gradients.projection_spec.precision == "bfloat16"
+    factorized = load_config(None, [*base, "gradients.projection={kind: factorized, k_in: 8, "
+                                           "k_out: 4}"]).gradients.projection_spec
+    assert (factorized.kind, factorized.k_in, factorized.k_out, factorized.k) == (
+        "factorized", 8, 4, None)
+    assert load_config(None, base).gradients.projection_spec is None
+    _bad(*base, "gradients.projection={kind: factorized, k: 8}", needles=("k_in",))
+    _bad(*base, "gradients.projection={kind: gaussian, k_in: 8, k_out: 2}", needles=("takes k",))
+    _bad(*base, "gradients.projection=0", needles=("projection",))
+    _bad(*base, "gradients.projection={kind: sparse, k: 8}", needles=("projection",))
+    _bad("gradients.projection={kind: factorized, k_in: 8, k_out: 8}",
+         needles=("need unprojected",))

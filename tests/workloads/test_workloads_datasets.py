@@ -100,7 +100,7 @@ def test_samples_round_trip(tmp_path: Path) -> None:
     n = 12
     samples = Samples(
         sample_id=np.arange(100, 100 + n, dtype=np.int64),
-        x=rng.normal(size=(n, 6)).astype(np.float32),
+        inputs={"features": rng.normal(size=(n, 6)).astype(np.float32)},
         label=rng.integers(0, 3, n).astype(np.int64),
         split=np.array(["train", "val", "test"] * 4),
         num_classes=3,
@@ -128,7 +128,7 @@ def test_samples_round_trip(tmp_path: Path) -> None:
 def test_samples_table_schema_and_unknowns_round_trip(tmp_path: Path) -> None:
     samples = Samples(
         sample_id=np.arange(4, dtype=np.int64),
-        x=np.eye(4, dtype=np.float32),
+        inputs={"features": np.eye(4, dtype=np.float32)},
         label=np.array([0, 1, 1, 0], dtype=np.int64),
         split=np.array(["train", "train", "val", "test"]),
         num_classes=2,
@@ -282,7 +282,7 @@ def test_parquet_unknown_split_value(tmp_path: Path) -> None:
 
 def test_parquet_ragged_list_column(tmp_path: Path) -> None:
     path = _write(tmp_path, pa.table({"f": [[1.0, 2.0], [3.0]], "label": [0, 1]}))
-    _bad(path, "'f'", "different lengths")
+    _bad(path, "'f'", "different shapes", "one shape is required")
 
 
 def test_parquet_non_numeric_feature(tmp_path: Path) -> None:
@@ -307,7 +307,7 @@ def test_parquet_missing_feature_and_group_columns(tmp_path: Path) -> None:
     (pa.table({"group": pa.array([1, None]), "a": [1.0, 2.0], "label": [0, 1]}),
      ("'group'", "integers")),
     (pa.table({"f": [[1.0, 2.0], None], "label": [0, 1]}), ("'f'", "null rows")),
-    (pa.table({"f": [[[1.0]], [[2.0]]], "label": [0, 1]}), ("'f'", "lists of numbers")),
-], ids=["empty", "no-features", "null-id", "float-id", "null-group", "null-row", "nested"])
+    (pa.table({"f": [["a"], ["b"]], "label": [0, 1]}), ("'f'", "lists of numbers")),
+], ids=["empty", "no-features", "null-id", "float-id", "null-group", "null-row", "strings"])
 def test_parquet_other_bad_tables(tmp_path: Path, table: pa.Table, needles) -> None:
     _bad(_write(tmp_path, table), *needles)
