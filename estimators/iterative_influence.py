@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +65,8 @@ class _Problem:
     shift: float
     operator: MatVec
     undamped: MatVec
+    mean: float  # Hutchinson estimate of C's mean eigenvalue
+    digest: str  # of the model's parameters and the rows
 
 
 def conjugate_gradient(
@@ -247,6 +249,7 @@ class _IterativeInfluence(Estimator):
         self.hvp_batch = hvp_batch
         self.damping_used: float | None = None
         """The damping of the last call (``damping``, or the relative default), without wd."""
+        self._spectrum: tuple[tuple, float, float] | None = None
 
     def _problem(self, ctx: ScoringContext) -> _Problem:
         model = ctx.model_at(ctx.final)
@@ -260,16 +263,20 @@ class _IterativeInfluence(Estimator):
             x, y = take(x, keep.to(y.device)), y[keep.to(y.device)]
         d = parameter_count(model)
         undamped = curvature_operator(model, x, y, kind=self.curvature)
-        self.damping_used = resolve(self.damping, lambda: relative_damping(
-            mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device),
-            negative_curvature(model, x, y, ctx.seed, device=ctx.device),
-        ))
+        key = (self.curvature, ctx.seed, _digest(model, x, y))
+        if self._spectrum is None or self._spectrum[0] != key:  # score, then pairwise: once
+            mean = mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device)
+            negative = (negative_curvature(model, x, y, ctx.seed, device=ctx.device)
+                        if self.damping is None else 0.0)
+            self._spectrum = (key, mean, negative)
+        _, mean, negative = self._spectrum
+        self.damping_used = resolve(self.damping, lambda: relative_damping(mean, negative))
         shift = ctx.weight_decay + self.damping_used
 
         def operator(v: torch.Tensor) -> torch.Tensor:
             return undamped(v) + shift * v
 
-        return _Problem(model, x, y, d, shift, operator, undamped)
+        return _Problem(model, x, y, d, shift, operator, undamped, mean, key[2])
 
     @abstractmethod
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
@@ -436,11 +443,11 @@ DEFAULT_ITERATIONS = 300
 """``if_arnoldi``'s default Krylov dimension (capped at d)."""
 
 
-def _digest(problem: _Problem) -> str:
-    """sha256 of the model's parameters and the curvature rows of ``problem``."""
+def _digest(model: nn.Module, x: Inputs, y: torch.Tensor) -> str:
+    """sha256 of the model's parameters and state and of the curvature rows (x, y)."""
     digest = hashlib.sha256()
-    tensors = [*problem.model.state_dict().values(), problem.x, problem.y]
-    for tensor in tensors:
+    rows = [x[k] for k in sorted(x)] if isinstance(x, Mapping) else [x]
+    for tensor in [*model.state_dict().values(), *rows, y]:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -496,7 +503,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for the
         next call on the same model and rows (``score`` then ``pairwise`` run Arnoldi once)."""
         n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
-        key = (n_iter, self.rank, self.curvature, ctx.seed, _digest(problem))
+        key = (n_iter, self.rank, self.curvature, ctx.seed, problem.digest)
         if self._cached is not None and self._cached[0] == key:
             self._rest = self._cached[3]
             return self._cached[1], self._cached[2]
@@ -509,8 +516,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         values, vectors = values[keep], vectors[:, keep]
         rest = 0.0
         if self.complement and values.numel() < problem.d:
-            trace = problem.d * mean_eigenvalue(problem.undamped, problem.d, ctx.seed,
-                                                device=ctx.device)
+            trace = problem.d * problem.mean
             rest = max(0.0, (trace - float(values.sum())) / (problem.d - values.numel()))
         self._rest = rest
         self._cached = (key, values, vectors, rest)
