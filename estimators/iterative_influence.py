@@ -249,7 +249,9 @@ class _IterativeInfluence(Estimator):
         self.hvp_batch = hvp_batch
         self.damping_used: float | None = None
         """The damping of the last call (``damping``, or the relative default), without wd."""
-        self._spectrum: tuple[tuple, float, float] | None = None
+        self._spectrum: dict[tuple, tuple[float, float]] = {}
+        """(mean eigenvalue, negative curvature) per (curvature, seed, model and rows): score
+        then pairwise, and every member of a model ensemble, compute them once."""
 
     def _problem(self, ctx: ScoringContext) -> _Problem:
         model = ctx.model_at(ctx.final)
@@ -264,12 +266,12 @@ class _IterativeInfluence(Estimator):
         d = parameter_count(model)
         undamped = curvature_operator(model, x, y, kind=self.curvature)
         key = (self.curvature, ctx.seed, _digest(model, x, y))
-        if self._spectrum is None or self._spectrum[0] != key:  # score, then pairwise: once
+        if key not in self._spectrum:
             mean = mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device)
             negative = (negative_curvature(model, x, y, ctx.seed, device=ctx.device)
                         if self.damping is None else 0.0)
-            self._spectrum = (key, mean, negative)
-        _, mean, negative = self._spectrum
+            self._spectrum[key] = (mean, negative)
+        mean, negative = self._spectrum[key]
         self.damping_used = resolve(self.damping, lambda: relative_damping(mean, negative))
         shift = ctx.weight_decay + self.damping_used
 
@@ -442,6 +444,10 @@ class LissaInfluence(_IterativeInfluence):
 DEFAULT_ITERATIONS = 300
 """``if_arnoldi``'s default Krylov dimension (capped at d)."""
 
+CACHED_MODELS = 8
+"""Eigenspaces ``if_arnoldi`` keeps (one per model and rows, oldest dropped): ``score`` then
+``pairwise``, on each member of a model ensemble, run Arnoldi once."""
+
 
 def _digest(model: nn.Module, x: Inputs, y: torch.Tensor) -> str:
     """sha256 of the model's parameters and state and of the curvature rows (x, y)."""
@@ -493,20 +499,20 @@ class ArnoldiInfluence(_IterativeInfluence):
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.n_iter = n_iter
         self.rank = rank
-        self._cached: tuple[tuple, torch.Tensor, torch.Tensor, float] | None = None
+        self._cached: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._rest = 0.0
         """Mean eigenvalue of the curvature outside the kept directions, after a call."""
 
     def _eigenpairs(
         self, ctx: ScoringContext, problem: _Problem
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for the
-        next call on the same model and rows (``score`` then ``pairwise`` run Arnoldi once)."""
+        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for
+        later calls on the same model and rows (``CACHED_MODELS``)."""
         n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
         key = (n_iter, self.rank, self.curvature, ctx.seed, problem.digest)
-        if self._cached is not None and self._cached[0] == key:
-            self._rest = self._cached[3]
-            return self._cached[1], self._cached[2]
+        if key in self._cached:
+            values, vectors, self._rest = self._cached[key]
+            return values, vectors
         values, vectors = arnoldi_eigenpairs(
             problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
         )
@@ -519,7 +525,9 @@ class ArnoldiInfluence(_IterativeInfluence):
             trace = problem.d * problem.mean
             rest = max(0.0, (trace - float(values.sum())) / (problem.d - values.numel()))
         self._rest = rest
-        self._cached = (key, values, vectors, rest)
+        if len(self._cached) >= CACHED_MODELS:
+            self._cached.pop(next(iter(self._cached)))
+        self._cached[key] = (values, vectors, rest)
         return values, vectors
 
     def _weights(self, values: torch.Tensor, shift: float) -> tuple[torch.Tensor, float]:
