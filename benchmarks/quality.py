@@ -338,8 +338,7 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
     from tasks.config import load_config
     from tasks.train import preflight
 
-    config = load_config(None, overrides)
-    preflight(config)
+    config = preflight(load_config(None, overrides))
     run_id = store.new_run_id()
     started = time.perf_counter()
     evaluate(config=config, store=str(store.root), run_id=run_id)

@@ -176,6 +176,11 @@ class Estimator(ABC):
         then equals the gathered stream. The others raise."""
         raise NotImplementedError(f"{self.name} has no streamed train x test form")
 
+    def refusal(self, num_params: int) -> str | None:
+        """Why this estimator cannot run on a model with ``num_params`` trainable parameters,
+        naming the option that lifts it (one line); None when it can. Checked before a run."""
+        return None
+
     def streams_pairwise(self) -> bool:
         """Whether ``pairwise`` can be streamed block by block (``streamed.pairwise_stream``):
         the estimator has ``pairwise_vectors`` or ``pairwise_stream``."""

@@ -1,28 +1,31 @@
-"""Diff-In: second-order influence accumulated over training checkpoints (spec section 6).
+"""Diff-In (Tan et al.) and the SGD-unrolled first + second order sum: second-order influence
+accumulated over training checkpoints (spec section 6).
 
 Source: Tan et al., "Understanding Data Influence with Differential Approximation",
 arXiv 2508.14648; the authors' code https://github.com/hrtan/Diff-In (``diff_in/estimator.py``,
-"paper Eq. (9)"). The paper text was not available; the formula follows the released code.
+"paper Eq. (9)"). The formula follows the released code.
 
 Per checkpoint t of ``ctx.checkpoints`` (m of them, N training samples)::
 
     a_t       = - t * eta_t^2 / (N * m)        t = Checkpoint.step,
                                                eta_t = Checkpoint.step_lr (else Checkpoint.lr)
-    I(z, V)   = sum_t a_t * [ <H_B G_V, G_z> + <G_V, H_z G_B> ]
-              (+ sum_t (eta_t / (N * m)) * <G_V, G_z>    if include_first_order)
+    I(z, V)   = sum_t a_t * [ <H_B G_V, G_z> + <G_V, H_z G_B> ]          (paper Eq. (9))
+    S(z, V)   = I(z, V) + sum_t (eta_t / (N * m)) * <G_V, G_z>          (SGD unrolled)
 
 G_z = grad l(z; theta_t) (cross-entropy, no weight-decay term), G_V = grad U(V; theta_t) of
 ``ctx.target`` (default: the summed target loss), G_B the mean loss gradient over random training
 batches B_t, H_B the Hessian of the mean batch loss (+ ``ctx.weight_decay * I`` when
 ``weight_decay_in_curvature``), H_z the Hessian of l(z).
 
-Sign: the project score is ``+I(z, V)``. Unrolling SGD to first order in 1/N, removing z shifts
-the parameters by ``Delta_{t+1} = Delta_t + (eta_t/N) G_z - eta_t H_B Delta_t``; the second-order
-term ``-(t eta_t^2 / N) H_B G_z`` has the sign of a_t, so I approximates
-``U(theta_without_z) - U(theta)`` (positive = beneficial). [UNVERIFIED: spec section 6.] The
-released code has no first-order term: then I is only the curvature correction and can
-anti-correlate with gradient inner products; ``include_first_order=True`` adds it with the same
-per-checkpoint weight 1/m so the first/second-order ratio matches the unrolled SGD expansion.
+Signs (a project decision, docs/estimators.md): ``diffin`` reads Eq. (9)'s I(z, V) in Koh and
+Liang's convention, the effect of including (up-weighting) z on V's loss, negative when z
+helps; its score is ``-I(z, V)`` and its suspicion ``-I(z, z)``. This is the only reading
+under which the paper's data-cleaning results can hold: read the other way it anti-correlated
+with leave-one-out in every regime measured. ``unrolled_sgd`` is a different estimator: the
+first + second order terms of unrolling SGD in 1/N, where removing z shifts the parameters by
+``Delta_{t+1} = Delta_t + (eta_t/N) G_z - eta_t H_B Delta_t``; S approximates
+``U(theta_without_z) - U(theta)`` (positive = beneficial), so its score is ``+S`` and its
+suspicion ``+S(z, z)``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def sample_loss(model: nn.Module) -> SampleLoss:
 class _Step:
     """What one checkpoint contributes: the float64 model at theta_t, its flat parameters (d,),
     the proxy batch (b rows), G_B (d,), the second-order coefficient a_t and the first-order
-    weight (0 unless include_first_order)."""
+    weight (0 for diffin)."""
 
     model: nn.Module
     theta: torch.Tensor
@@ -86,8 +89,9 @@ class _Step:
     first: float
 
 
-class DiffIn(Estimator):
-    """Diff-In influence ``score(z) = I(z, V)`` (module docstring for the formula and sign).
+class _CheckpointSecondOrder(Estimator):
+    """The shared computation of ``diffin`` and ``unrolled_sgd``: ``sign * sum`` over the
+    checkpoints of the module docstring's I (diffin) or S (unrolled_sgd).
 
     Computation per checkpoint (all in float64, the model copied to float64, eval mode):
 
@@ -103,42 +107,33 @@ class DiffIn(Estimator):
       checkpoint.index]))`` and concatenated (equal sizes, so the mean loss over the union is the
       mean of the batch means, as the authors average per-batch brackets).
 
-    ``suspicion(z) = I(z, z)`` (paper Eq. (12), the authors' ``self_influence``): the same sum with
-    G_z as the target, ``sum_t a_t [G_z^T (H_B + lam I) G_z + <G_z, H_z G_B>]`` (+ first-order
-    ``(eta_t/(N m)) ||G_z||^2``). ``G_z^T H_B G_z`` is the second difference of the batch loss
-    along G_z, ``||G_z||^2 (L_B(theta + e u) - 2 L_B(theta) + L_B(theta - e u)) / e^2`` with
-    u = G_z/||G_z|| (2 batch forwards per z, vectorized over z; exact with ``hvp="autograd"``).
-    Caution: without the first-order term I(z, z) is only the (negative-leaning) curvature
-    correction and its ranking is unstable: on the digits toy, 10% flipped labels, ROC-AUC 0.89
-    after 3 SGD epochs but 0.05 after 30 (0.82 / 0.92 with ``include_first_order``). It is
-    returned unflipped, as the authors define it. ``self_influence=False`` skips it (None).
+    The suspicion is ``sign`` times the same sum with G_z as the target (paper Eq. (12), the
+    authors' self_influence): ``sum_t a_t [G_z^T (H_B + lam I) G_z + <G_z, H_z G_B>]`` (+ the
+    first-order ``(eta_t/(N m)) ||G_z||^2`` for unrolled_sgd). ``G_z^T H_B G_z`` is the second
+    difference of the batch loss along G_z, ``||G_z||^2 (L_B(theta + e u) - 2 L_B(theta) +
+    L_B(theta - e u)) / e^2`` with u = G_z/||G_z|| (2 batch forwards per z, vectorized over z;
+    exact with ``hvp="autograd"``). ``self_influence=False`` skips it (None).
 
     Options: ``central`` uses central instead of forward differences (the authors' scheme) in
     both finite-difference products (one more gradient pass, error O(e^2) instead of O(e));
     ``weight_decay_in_curvature`` adds ``ctx.weight_decay * I`` to H_B, as SGD with weight decay
     unrolls (the authors' code omits it; on the toy it changes Spearman by < 0.05).
 
-    Validity: the expansion behind a_t holds while ``t * eta_t * lambda_max(H) << 1``. On L2
-    logistic regression trained by SGD (tests/estimators/test_estimators_diffin.py), Spearman with
-    LOO retraining was +0.95 (first-order variant) / -0.78 (faithful) at max t*eta*lambda = 0.16,
-    and -0.27 / -0.78 at 1.1: the faithful variant anti-correlated with LOO in every regime tried,
-    and adding the second-order terms never raised Spearman above the first-order term alone.
-
-    Shapes: score and suspicion (n,), float64, aligned with ``ctx.train_ids``. Units: target loss
-    (I approximates a change of U), up to the global factor T (total steps) the checkpoint
-    subsampling drops (spec section 6: weight 1/m vs T/m).
+    Shapes: score and suspicion (n,), float64, aligned with ``ctx.train_ids``. Units: target loss,
+    up to the global factor T (total steps) the checkpoint subsampling drops (spec section 6:
+    weight 1/m vs T/m).
 
     Cost per checkpoint: 2 (3 if ``central``) per-sample-gradient passes over the n training rows,
-    3-4 gradients of the proxy batch and one target gradient; ``I(z, z)`` adds 2 |B|-row forwards
-    per z. Memory O(chunk_size * d). No per-sample HVP loop.
+    3-4 gradients of the proxy batch and one target gradient; the suspicion adds 2 |B|-row
+    forwards per z. Memory O(chunk_size * d). No per-sample HVP loop.
     """
 
-    name = "diffin"
     needs = Needs(checkpoints="all", model=True)
+    first_order: bool = False  # add the SGD first-order term eta_t/(N m) <G_V, G_z>
+    sign: float = 1.0  # the project score is sign * the sum
 
     def __init__(
         self,
-        include_first_order: bool = False,
         batches_per_checkpoint: int = 1,
         eps: float = 1e-3,
         hvp: HvpKind = "finite_difference",
@@ -155,7 +150,6 @@ class DiffIn(Estimator):
             raise ValueError(f"eps must be > 0, got {eps}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.include_first_order = include_first_order
         self.batches_per_checkpoint = batches_per_checkpoint
         self.eps = eps
         self.hvp = hvp
@@ -182,11 +176,12 @@ class DiffIn(Estimator):
                     own = step.a * (quad + (d_z * g_z).sum(1)) + step.first * (g_z * g_z).sum(1)
                     suspicion[rows] += own.cpu().numpy()
         ids = np.asarray(ctx.train_ids, dtype=np.int64)
-        return Attribution(sample_ids=ids, score=score, suspicion=suspicion)
+        return Attribution(sample_ids=ids, score=self.sign * score,
+                           suspicion=None if suspicion is None else self.sign * suspicion)
 
     def pairwise(self, ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``I(z, v_j)`` for every train row z and single target row v_j: (train ids (n,),
-        target ids (m_t,), (n, m_t) float64), same sign; columns sum to ``score``.
+        """The score of every train row z for every single target row v_j: (train ids (n,),
+        target ids (m_t,), (n, m_t) float64), signed as ``score``; columns sum to it.
 
         Per checkpoint this needs ``U_t = (H_B + lam I) G_t^T`` for the m_t per-row target
         gradients: m_t batch HVPs (m_t + 1 batch gradients with finite differences), so the cost
@@ -207,14 +202,14 @@ class DiffIn(Estimator):
         return (
             np.asarray(ctx.train_ids, dtype=np.int64),
             np.asarray(target_ids, dtype=np.int64),
-            matrix,
+            self.sign * matrix,
         )
 
     # ------------------------------------------------------------------------------- helpers
 
     def _steps(self, ctx: ScoringContext) -> Iterator[_Step]:
         if not ctx.checkpoints:
-            raise ValueError("Diff-In needs at least one checkpoint")
+            raise ValueError(f"{self.name} needs at least one checkpoint")
         n = num_rows(ctx.train_x)
         m = len(ctx.checkpoints)
         for ckpt in ctx.checkpoints:
@@ -231,7 +226,7 @@ class DiffIn(Estimator):
                 batch_y=by,
                 g_b=g_b,
                 a=-ckpt.step * eta**2 / (n * m),
-                first=eta / (n * m) if self.include_first_order else 0.0,
+                first=eta / (n * m) if self.first_order else 0.0,
             )
 
     def _batch_indices(self, ctx: ScoringContext, ckpt: Checkpoint) -> torch.Tensor:
@@ -310,6 +305,28 @@ class DiffIn(Estimator):
             minus = vmap(batch_loss)(step.theta - shift)
             curv = sq * (plus - 2 * base + minus) / self.eps**2
         return curv + lam * sq
+
+
+class DiffIn(_CheckpointSecondOrder):
+    """Diff-In, paper Eq. (9) as released (second-order terms only), read in Koh and Liang's
+    convention (I = the effect of up-weighting z on V's loss): ``score = -I(z, V)``,
+    ``suspicion = -I(z, z)``. Options and computation: ``_CheckpointSecondOrder``; figures
+    against leave-one-out in docs/estimators.md."""
+
+    name = "diffin"
+    first_order = False
+    sign = -1.0
+
+
+class UnrolledSGD(_CheckpointSecondOrder):
+    """SGD unrolled to first + second order in 1/N (not Diff-In): ``score = +S(z, V)``, the
+    predicted ``U(theta_without_z) - U(theta)``; ``suspicion = +S(z, z)``. Its first-order
+    part is TracIn / (N m). Valid while ``t * eta_t * lambda_max(H) << 1`` (short training).
+    Options and computation: ``_CheckpointSecondOrder``."""
+
+    name = "unrolled_sgd"
+    first_order = True
+    sign = 1.0
 
 
 @contextmanager

@@ -85,7 +85,7 @@ def curvature_matrix(
             # H_out = diag(p) - p p^T = B B^T with B = diag(sqrt p) - p sqrt(p)^T
             b = torch.diag_embed(root) - prob.unsqueeze(2) * root.unsqueeze(1)  # (m, C, C)
             m = (b.transpose(1, 2) @ j).reshape(-1, d)  # rows of B^T J, (m*C, d)
-            curvature += m.T @ m
+            curvature.addmm_(m.T, m)  # in place: no d x d temporary per chunk
     else:
         flat0 = flat_parameters(model64)
         shapes = [params[name].shape for name in names]
@@ -104,25 +104,40 @@ def curvature_matrix(
             for start in range(0, n, rows_per_chunk):
                 stop = start + rows_per_chunk
                 curvature += hess(flat0, take(x, slice(start, stop)), y[start:stop])
-    return curvature / n
+    return curvature.div_(n)  # in place: no second d x d matrix
 
 
-def damped_cholesky(curvature: torch.Tensor, shift: float) -> torch.Tensor:
+def damped_cholesky(curvature: torch.Tensor, shift: float, overwrite: bool = False) -> torch.Tensor:
     """Lower Cholesky factor L (d, d) of ``(H + H^T)/2 + shift * I``, in float64.
 
-    Raises ValueError when that matrix is not positive definite (e.g. an indefinite Hessian with
-    too little damping).
+    Only the lower triangle is symmetrized (block by block) and factored, in one d x d working
+    copy; ``overwrite=True`` uses ``curvature``'s own storage instead when it is float64 (no
+    d x d copy: ``curvature`` then holds L). Raises ValueError when that matrix is not positive
+    definite (e.g. an indefinite Hessian with too little damping).
     """
-    h = curvature.to(torch.float64)
-    h = (h + h.T) / 2 + shift * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    factor, info = torch.linalg.cholesky_ex(h)
+    in_place = overwrite and curvature.dtype == torch.float64
+    h = curvature if in_place else curvature.to(torch.float64, copy=True)
+    d = h.shape[0]
+    for start in range(0, d, 256):  # lower <- (lower + upper^T) / 2, a (256, stop) block at once
+        stop = min(start + 256, d)
+        upper = h[:stop, start:stop].mT.clone()
+        h[start:stop, :stop].add_(upper).mul_(0.5)
+    h.diagonal().add_(shift)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))  # in place; the upper triangle is zeroed
     if int(info) != 0:
-        lowest = torch.linalg.eigvalsh(h)[0].item()
+        where = (f"its leading minor of order {int(info)} is not positive" if in_place else
+                 f"smallest eigenvalue {_lowest_eigenvalue(curvature) + shift:.3e}")
         raise ValueError(
-            f"damped curvature is not positive definite (smallest eigenvalue {lowest:.3e} after "
-            f"adding {shift:.3e} * I); increase damping or use curvature='ggn'"
+            f"damped curvature is not positive definite ({where} after adding {shift:.3e} * I); "
+            "increase damping or use curvature='ggn'"
         )
-    return factor
+    return h
+
+
+def _lowest_eigenvalue(curvature: torch.Tensor) -> float:
+    h = curvature.to(torch.float64)
+    return torch.linalg.eigvalsh((h + h.mT) / 2)[0].item()
 
 
 class ExactInfluence(Estimator):
@@ -171,20 +186,26 @@ class ExactInfluence(Estimator):
             return self._cached[1]
         model = ctx.model_at(ctx.final)
         d = parameter_count(model)
-        if d > self.max_params:
-            raise ValueError(
-                f"if_exact builds a dense d x d curvature matrix; the model has d={d} trainable "
-                f"parameters > max_params={self.max_params}. Raise max_params or use an "
-                "iterative/factored estimator."
-            )
+        refused = self.refusal(d)
+        if refused is not None:
+            raise ValueError(refused)
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
         self.damping_used = resolve(self.damping, lambda: relative_damping(
             mean_eigenvalue(lambda v: h @ v, d, ctx.seed, device=h.device),
             negative_curvature(model, ctx.train_x, ctx.train_y, ctx.seed, device=h.device),
         ))
-        factor = damped_cholesky(h, ctx.weight_decay + self.damping_used)
+        factor = damped_cholesky(h, ctx.weight_decay + self.damping_used, overwrite=True)
         self._cached = (key, factor, self.damping_used)
         return factor
+
+    def refusal(self, num_params: int) -> str | None:
+        d = num_params
+        if d <= self.max_params:
+            return None
+        gib = d * d * 8 / 2**30
+        return (f"if_exact builds a dense d x d curvature matrix ({gib:.1f} GiB at d={d} trainable "
+                f"parameters) and d > max_params={self.max_params}: set max_params >= {d}, or "
+                "use if_cg")
 
     def score(self, ctx: ScoringContext) -> Attribution:
         factor = self._factor(ctx)

@@ -1,4 +1,5 @@
-"""Noisy-label detection metrics: rank training samples by suspicion (higher = more suspect)."""
+"""Noisy-label detection metrics: rank training samples by suspicion (higher = more suspect);
+and the sample standard deviation every "± sd" over seeds reports."""
 
 from __future__ import annotations
 
@@ -52,3 +53,10 @@ def _check(suspicion: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarray, np
     if not np.isfinite(s).all():
         raise ValueError("suspicion contains NaN or infinite values")
     return s, c
+
+
+def sample_sd(values) -> float:
+    """The sample standard deviation (ddof=1) of ``values``: what "± sd" over seeds reports;
+    NaN for fewer than 2 values (undefined, not 0)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1)) if v.size >= 2 else math.nan

@@ -8,7 +8,8 @@ from typing import Any
 from estimators.base import Estimator
 from estimators.baselines import RandomScores, SelfLoss
 from estimators.datainf import DataInf
-from estimators.diffin import DiffIn
+from estimators.diffin import DiffIn, UnrolledSGD
+from estimators.gex import GEX
 from estimators.influence import ExactInfluence
 from estimators.inner_product import CosineInnerProduct, InnerProduct
 from estimators.ip_ensemble import IPEnsemble
@@ -37,7 +38,9 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         EKFACInfluence,
         DataInf,
         TRAK,
+        GEX,
         DiffIn,
+        UnrolledSGD,
     )
 }
 

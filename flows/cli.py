@@ -10,6 +10,14 @@ from storage.errors import BadInput
 from storage.store import Store
 
 EXIT_BAD_INPUT = 2
+QUERY_ROWS = 1000  # rows `sieve query` prints unless --limit says otherwise
+
+
+def _row_limit(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0: all rows)")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("sql")
     query.add_argument("--run", help="run id (default: the latest run)")
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    query.add_argument("--limit", type=_row_limit, default=QUERY_ROWS, metavar="N",
+                       help=f"print at most N rows (default {QUERY_ROWS:,}; 0: all rows)")
     query.set_defaults(command=cmd_query)
 
     evaluate = sub.add_parser("evaluate", parents=[common],
@@ -110,13 +120,13 @@ def _config_and_run_id(args: argparse.Namespace, store: Store):
         config = load_resolved_config(run.config)
         run_id = args.resume
         if not run.samples.exists():
-            preflight(config)
+            config = preflight(config)
         if run.checkpoint_index.exists():  # a damaged checkpoint is refused before any work
             verify_checkpoints(read_checkpoint_index(run.checkpoints_dir))
     else:
         config = load_config(args.config, args.set)
         run_id = store.new_run_id()
-        preflight(config)
+        config = preflight(config)
     return config, run_id
 
 
@@ -126,14 +136,15 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     config, run_id = _config_and_run_id(args, store)
     if config.multistage is not None:
         flow_name = _multistage_flow(config, flow_name)
-    from flows import report
     from flows.environment import start_local_api
     from flows.evaluate import evaluate
-    from flows.json_summary import summary_json
     from flows.multistage import multistage
     from flows.pipeline import pipeline
     from flows.runner import with_runner
-    from flows.terminal import flow_output
+    from presentation import report
+    from presentation.json_summary import summary_json
+    from presentation.terminal import flow_output
+    from tasks.progress import live_bars
 
     flow, show = {"pipeline": (pipeline, report.print_run_summary),
                   "evaluate": (evaluate, report.print_evaluation),
@@ -142,13 +153,13 @@ def _run_flow(args: argparse.Namespace, store: Store, flow_name: str) -> int:
     if args.quiet and not args.json:
         print(run_id, flush=True)
     started = time.perf_counter()
-    with flow_output(quiet=args.quiet or args.json):
+    with flow_output(quiet=args.quiet or args.json, bars=live_bars):
         start_local_api()  # a store's concurrent runs must not create Prefect's database at once
         summary = flow(config=config, store=str(store.root), run_id=run_id,
                        resume=args.resume is not None)
     seconds = time.perf_counter() - started
     if args.json:
-        print(summary_json(summary, seconds), flush=True)
+        print(summary_json(summary, seconds, config.skipped), flush=True)
     elif not args.quiet:
         show(summary, config, seconds)
     return 0
@@ -177,14 +188,19 @@ def cmd_query(args: argparse.Namespace, store: Store) -> int:
     from storage.views import format_rows, open_run, run_query
 
     run = store.existing_run(args.run) if args.run is not None else store.latest_run()
+    limit = args.limit or None
     with open_run(run) as con:
-        columns, rows = run_query(con, args.sql)
-    print(format_rows(columns, rows, args.format))
+        columns, rows = run_query(con, args.sql, None if limit is None else limit + 1)
+    more = limit is not None and len(rows) > limit
+    print(format_rows(columns, rows[:limit], args.format))
+    if more:
+        print(f"(the first {limit:,} rows; more not fetched: --limit 0 prints all)",
+              file=sys.stderr)
     return 0
 
 
 def cmd_runs(args: argparse.Namespace, store: Store) -> int:
-    from flows.report import print_runs
+    from presentation.report import print_runs
 
     print_runs(store)
     return 0

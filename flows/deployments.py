@@ -117,8 +117,7 @@ def _run(flow_fn: Flow, show: Callable, config: Config) -> str:
 def _single_stage(config: Config) -> Config:
     if config.multistage is not None:
         raise BadInput("this config has a multistage section: run the sieve/multistage deployment")
-    preflight(config)
-    return config
+    return preflight(config)
 
 
 _PIPELINE = form_values(load_config(), PIPELINE_FORM)

@@ -4,29 +4,19 @@ estimator against it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from prefect import flow
 
 from flows.run_setup import tracked_run
 from flows.runner import task_runner
+from presentation.summaries import EvaluationSummary
 from storage.store import Store
 from tasks.config import Config
 from tasks.evaluation import evaluation_stage, groundtruth_stage, plan_retrains
 from tasks.gradients import gradients_stage
-from tasks.html_report import report_stage
+from tasks.report import report_stage
 from tasks.score import score_stage
 from tasks.train import prepare_samples, train_stage
-
-
-@dataclass
-class EvaluationSummary:
-    run_id: str
-    store: str
-    mlflow_run_id: str
-    table: dict[str, dict[str, float]] = field(default_factory=dict)
-    report: str | None = None  # runs/<run_id>/report.html
 
 
 def for_evaluation(config: Config) -> Config:

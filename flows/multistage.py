@@ -5,14 +5,12 @@ against leave-one-out refits. Tracked in MLflow like the main flow (parent + sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 from prefect import flow
 
 from flows.run_setup import tracked_run
 from flows.runner import task_runner
+from presentation.summaries import MultistageSummary
 from storage.store import Store
 from tasks.config import Config
 from tasks.multistage import (
@@ -23,30 +21,6 @@ from tasks.multistage import (
     train_two_stages,
     validate_multistage,
 )
-
-
-@dataclass
-class MultistageSummary:
-    """What ``sieve run`` prints for a multistage config: per-estimator score metrics (and
-    leave-one-out correlations), and per arm the finetune test loss/accuracy per seed."""
-
-    run_id: str
-    store: str
-    mlflow_run_id: str
-    estimators: dict[str, dict[str, float]] = field(default_factory=dict)
-    arms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    report: str | None = None
-
-    @property
-    def table(self) -> dict[str, dict[str, float]]:
-        """One row per estimator (its metrics) and per arm (``arm:<name>``: mean and sd over
-        seeds of the finetune test loss and accuracy), as ``--json`` prints them."""
-        rows = {name: dict(row) for name, row in self.estimators.items()}
-        for arm, values in self.arms.items():
-            rows[f"arm:{arm}"] = {f"{metric}_{stat}": float(fn(per_seed))
-                                  for metric, per_seed in values.items()
-                                  for stat, fn in (("mean", np.mean), ("sd", np.std))}
-        return rows
 
 
 @flow(name="sieve-multistage", log_prints=True, task_runner=task_runner())

@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from prefect import flow
 
 from flows.run_setup import tracked_run
 from flows.runner import task_runner
+from presentation.summaries import RunSummary
 from storage.store import Store
 from tasks.config import Config
 from tasks.deletion import deletion_stage
 from tasks.gradients import gradients_stage
-from tasks.html_report import report_stage
 from tasks.prune import prune_stage
+from tasks.report import report_stage
 from tasks.retrain import retrain_stage
 from tasks.score import score_stage
 from tasks.train import prepare_samples, train_stage
 from tasks.utility import attack_stage
-
-
-@dataclass
-class RunSummary:
-    """What ``sieve run`` prints: per-estimator metrics and retrained accuracies per arm."""
-
-    run_id: str
-    store: str
-    mlflow_run_id: str
-    estimators: dict[str, dict[str, float]] = field(default_factory=dict)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
-    report: str | None = None  # runs/<run_id>/report.html
 
 
 @flow(name="sieve-pipeline", log_prints=True, task_runner=task_runner())

@@ -13,7 +13,7 @@ import torch
 
 from storage.atomic import atomic_path, read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
-from storage.location import StorePath, is_remote, is_within, joined, location, resolved, store_path
+from storage.location import StorePath, is_within, joined, location, resolved, store_path
 
 INDEX_NAME = "index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -143,15 +143,22 @@ def load_state_dict(path: StorePath, sha256: str | None = None) -> dict[str, tor
     Accepts a plain state_dict or a dict holding one under ``state_dict`` or
     ``model_state_dict``. When ``sha256`` is given the file must match it. BadInput (one line)
     for a missing, unreadable or mismatching file, or one that holds no state_dict.
+
+    The file is read once: the hash is checked on those bytes and the state_dict loaded from
+    them (one download from an object store, and no chance for the file to change between the
+    check and the load).
     """
     path = store_path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint {path} does not exist")
-    if sha256 is not None and file_sha256(path) != sha256.lower():
-        raise BadInput(f"checkpoint {path} does not match its recorded sha256")
-    source = io.BytesIO(path.read_bytes()) if is_remote(path) else path
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise BadInput(f"checkpoint {path} does not match its recorded sha256")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
         raise BadInput(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
     if isinstance(obj, Mapping) and not _is_state_dict(obj):

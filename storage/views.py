@@ -191,8 +191,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run exactly one read-only (SELECT-type) statement; return (column names, rows).
+def run_query(
+    con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None = None
+) -> tuple[list[str], list[tuple]]:
+    """Run exactly one read-only (SELECT-type) statement; return (column names, rows): at most
+    ``max_rows`` rows (None: all), fetched with ``fetchmany`` from DuckDB's streamed result,
+    so the rows past them are never fetched into Python.
 
     SELECT-type covers SELECT, WITH, VALUES, FROM-first, DESCRIBE, SHOW, SUMMARIZE. Every other
     statement (INSERT, CREATE, COPY, ATTACH, INSTALL/LOAD, SET, PRAGMA, CALL, EXPLAIN, PIVOT...)
@@ -215,7 +219,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list
     try:
         cursor = con.execute(statements[0].query)
         columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchall()
+        rows = cursor.fetchall() if max_rows is None else cursor.fetchmany(max_rows)
     except duckdb.PermissionException as e:
         raise BadInput(
             f"sieve query reads only the store's runs folder: {_first_line(e)}"

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from estimators.registry import ESTIMATORS, estimator_options, make_estimator
 from storage.errors import BadInput
 from storage.location import StorePath, store_path
+from storage.yaml12 import load_yaml
 
 
 class Section(BaseModel):
@@ -42,8 +43,17 @@ class SyntheticConfig(Section):
     classes: int = Field(10, ge=2)
 
 
+class SanityConfig(Section):
+    """data.name sanity: the IP paper's 2-D sanity check (workloads/sanity.py)."""
+
+    kind: Literal["linear", "nonlinear"] = "nonlinear"
+    n: int = Field(400, ge=10, description="base samples, split train/val/test")
+    cluster: int = Field(20, ge=0, description="clustered mislabeled training samples added")
+
+
 class DataConfig(Section):
-    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic"] = "digits"
+    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic", "sanity"] = \
+        "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
@@ -54,6 +64,7 @@ class DataConfig(Section):
         default_factory=dict, description="row shape of a flat list column, e.g. {image: [1, "
         "28, 28]} (else the Parquet schema metadata 'shapes', else the nesting of its lists)")
     synthetic: SyntheticConfig = SyntheticConfig()
+    sanity: SanityConfig = SanityConfig()
 
     @field_validator("shapes")
     @classmethod
@@ -208,6 +219,9 @@ class EstimatorSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    skip_if_unable: bool = Field(
+        False, description="skip it (a 'skipped' row) rather than refuse the run when it cannot "
+        "run on this model or these gradients; `estimators: all` sets it")
 
     @field_validator("name")
     @classmethod
@@ -408,7 +422,7 @@ class MultistageConfig(Section):
 
 
 OWN_LOSS = ("loss", "ip_ensemble", "if_exact", "if_cg", "if_lissa", "if_arnoldi", "if_ekfac",
-            "diffin")
+            "gex", "diffin", "unrolled_sgd")
 """Estimators that compute the training loss (cross-entropy) or its curvature themselves."""
 
 
@@ -430,12 +444,15 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     multistage: MultistageConfig | None = None
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="estimators with skip_if_unable that cannot run here, "
+        "with the reason and the option that lifts it (filled when the config is checked)")
 
     @field_validator("estimators", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
         if v == "all":
-            return [{"name": name} for name in ESTIMATORS]
+            return [{"name": name, "skip_if_unable": True} for name in ESTIMATORS]
         if isinstance(v, str):
             v = [v]
         if not isinstance(v, list):
@@ -450,22 +467,31 @@ class Config(Section):
         if len(set(names)) != len(names):
             raise ValueError("estimators: an estimator is listed twice")
         if self.gradients.projection is not None:
-            full = [e.name for e in self.estimators
+            full = [e for e in self.estimators
                     if (n := make_estimator(e.name, **e.options).needs).gradients
                     and n.full_gradients]
-            if full:
+            named = [e.name for e in full if not e.skip_if_unable]
+            if named:
                 raise ValueError(
-                    f"estimators {full} need unprojected gradients; drop them or "
+                    f"estimators {named} need unprojected gradients; drop them or "
                     "gradients.projection"
                 )
+            self._skip({e.name: "needs unprojected gradients: drop gradients.projection"
+                        for e in full})
         if self.task.loss is not None:
-            own = [n for n in names if n in OWN_LOSS]
-            if own:
-                raise ValueError(f"task.loss: estimators {own} differentiate the cross-entropy "
+            own = [e for e in self.estimators if e.name in OWN_LOSS]
+            named = [e.name for e in own if not e.skip_if_unable]
+            if named:
+                raise ValueError(f"task.loss: estimators {named} differentiate the cross-entropy "
                                  "themselves; drop them or task.loss")
+            self._skip({e.name: "differentiates the cross-entropy itself: drop task.loss"
+                        for e in own})
             if self.train.models > 1:
                 raise ValueError("task.loss needs train.models 1 (the ensemble members' "
                                  "gradients are of the cross-entropy)")
+        clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
+        if clash:
+            raise ValueError(f"skipped: {clash} are also listed under estimators")
         if self.task.measurement != "loss" and self.targets.utility != "loss":
             raise ValueError("task.measurement replaces the per-sample loss of targets.utility "
                              "loss; it can't be combined with another utility")
@@ -477,10 +503,46 @@ class Config(Section):
     def estimator(self, name: str) -> EstimatorSpec:
         return next(e for e in self.estimators if e.name == name)
 
+    def _skip(self, reasons: dict[str, str]) -> None:
+        """Move the estimators ``reasons`` names to ``skipped`` (ValueError if that leaves none,
+        or if ``prune.by`` needs one of them)."""
+        if not reasons:
+            return
+        pruning = [name for name in self.prune.by if name in reasons]
+        if pruning:
+            name = pruning[0]
+            raise ValueError(f"prune.by names {name}, which cannot run: {reasons[name]}")
+        kept = [e for e in self.estimators if e.name not in reasons]
+        if not kept:
+            raise ValueError(f"no estimator can run: {'; '.join(reasons.values())}")
+        self.estimators = kept
+        self.skipped = {**self.skipped, **reasons}
+
+
+def screen_estimators(config: Config, num_params: int) -> Config:
+    """``config`` without the estimators that cannot run on a model with ``num_params``
+    trainable parameters (``Estimator.refusal``): one with ``skip_if_unable`` (every one of
+    ``estimators: all``) moves to ``config.skipped`` with its reason; any other is refused with
+    BadInput (one line), before any stage runs."""
+    reasons = {}
+    for spec in config.estimators:
+        reason = make_estimator(spec.name, **spec.options).refusal(num_params)
+        if reason is None:
+            continue
+        if not spec.skip_if_unable:
+            raise BadInput(f"estimator {spec.name} cannot run on this model: {reason}")
+        reasons[spec.name] = reason
+    screened = config.model_copy(deep=True)
+    try:
+        screened._skip(reasons)
+    except ValueError as exc:
+        raise BadInput(f"config: {exc}") from None
+    return screened
+
 
 def default_config_dict() -> dict[str, Any]:
     text = resources.files("configs").joinpath("default.yaml").read_text()
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -513,7 +575,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise BadInput(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
@@ -545,7 +607,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise BadInput(f"--set {item!r}: expected key=value")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         raise BadInput(f"--set {item!r}: value is not valid YAML") from None
     parts = key.split(".")

@@ -14,7 +14,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from estimators.counterfactual import lds, loo_correlation, mean_ci
-from estimators.metrics import found_fraction
+from estimators.metrics import found_fraction, sample_sd
+from presentation.plots import lds_bars, prune_curves
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import load_state_dict, read_checkpoint_index
 from storage.store import RunPaths
@@ -22,7 +23,6 @@ from storage.tracking import Tracking
 from storage.views import open_run
 from tasks.config import Config
 from tasks.groundtruth import Outcome, read_outcome, retrain_outcome
-from tasks.plots import lds_bars, prune_curves
 from tasks.progress import StageProgress
 from tasks.prune import MOST_HARMFUL
 from tasks.score import target_name
@@ -271,7 +271,8 @@ def evaluation_stage(
     for q in config.evaluate.prune_curve.fractions:
         values = accuracy[f"random@{q}"]
         table.setdefault("random_removal", {})[f"prune_accuracy@{q}"] = float(np.mean(values))
-        table["random_removal"][f"prune_accuracy_sd@{q}"] = float(np.std(values))
+        if len(values) > 1:  # the sample sd of one seed is undefined
+            table["random_removal"][f"prune_accuracy_sd@{q}"] = sample_sd(values)
     table.setdefault("full_data", {})["test_accuracy"] = float(np.mean(accuracy["full"]))
     _record(run, tracking, table, accuracy, config)
     return table

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from scipy.stats import pearsonr, spearmanr
 
-from estimators.metrics import detection_auc
+from estimators.metrics import detection_auc, sample_sd
 from estimators.multistage import Finetuning, multistage_influence, pretrain_loss_baseline
 from storage.atomic import read_parquet_table, write_parquet_atomic
 from storage.checkpoints import (
@@ -305,7 +305,8 @@ def retrain_two_stages(run: RunPaths, config: Config, tracking: Tracking,
         for name, values in arms.items():
             for metric, per_seed in values.items():
                 rec.metric(f"{metric}_mean", float(np.mean(per_seed)), estimator=name)
-                rec.metric(f"{metric}_sd", float(np.std(per_seed)), estimator=name)
+                if len(per_seed) > 1:  # the sample sd of one seed is undefined
+                    rec.metric(f"{metric}_sd", sample_sd(per_seed), estimator=name)
     return arms
 
 

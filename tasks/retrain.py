@@ -9,10 +9,11 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from estimators.metrics import sample_sd
+from presentation.plots import accuracy_comparison
 from storage.store import RunPaths
 from storage.tracking import Tracking
 from tasks.config import Config
-from tasks.plots import accuracy_comparison
 from tasks.progress import StageProgress
 from tasks.prune import Removal
 from tasks.stage import stage
@@ -67,9 +68,11 @@ def retrain_stage(
             retrains.advance(note=f"{removal.arm}, seed {removal.seed}: test accuracy {acc:.4f}")
         for arm, values in arms.items():
             rec.metric("test_accuracy_mean", float(np.mean(values)), estimator=arm)
-            rec.metric("test_accuracy_sd", float(np.std(values)), estimator=arm)
+            if len(values) > 1:  # the sample sd of one seed is undefined
+                rec.metric("test_accuracy_sd", sample_sd(values), estimator=arm)
         for (arm, name), values in others.items():
             rec.metric(f"{name}_mean", float(np.mean(values)), estimator=arm)
-            rec.metric(f"{name}_sd", float(np.std(values)), estimator=arm)
+            if len(values) > 1:
+                rec.metric(f"{name}_sd", sample_sd(values), estimator=arm)
         rec.artifact(accuracy_comparison(dict(arms), run.dir / "plots" / "accuracy.png"))
     return dict(arms)

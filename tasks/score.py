@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from estimators.base import Attribution, Checkpoint, Estimator, ScoringContext
 from estimators.metrics import detection_auc, precision_at_k
 from estimators.model_ensemble import ModelEnsemble
+from presentation.plots import score_distributions
 from storage.atomic import write_parquet_atomic
 from storage.checkpoints import CheckpointRecord, load_state_dict
 from storage.store import RunPaths
@@ -28,7 +29,6 @@ from tasks.attributions import write_pairwise
 from tasks.config import Config
 from tasks.ensemble import scored_estimator
 from tasks.memory import peak_memory
-from tasks.plots import score_distributions
 from tasks.progress import StageProgress
 from tasks.stage import stage
 from tasks.utility import make_target, measurement, target_inputs, utility_split

@@ -21,7 +21,7 @@ from storage.checkpoints import (
 from storage.errors import BadInput
 from storage.store import RunPaths
 from storage.tracking import Tracking
-from tasks.config import Config
+from tasks.config import Config, screen_estimators
 from tasks.progress import StageProgress
 from tasks.stage import stage
 from tasks.utility import check_utility, measurement
@@ -32,6 +32,7 @@ from workloads.inputs import batch_inputs, call_model, model_inputs, take
 from workloads.mnist import load_mnist5k
 from workloads.models import seeded_model
 from workloads.noise import flip_labels
+from workloads.sanity import SanitySpec, load_sanity
 from workloads.synthetic import SyntheticSpec, load_synthetic
 from workloads.task import attributed_names, training_loss
 from workloads.training import CheckpointEvent, accuracy, train
@@ -51,6 +52,9 @@ def load_samples(config: Config) -> Samples:
         spec = SyntheticSpec(d.synthetic.n, d.synthetic.input_dim, d.synthetic.classes,
                              config.seed)
         samples = load_synthetic(spec, fractions)
+    elif d.name == "sanity":
+        samples = load_sanity(SanitySpec(d.sanity.kind, d.sanity.n, d.sanity.cluster,
+                                         config.seed), fractions)
     else:
         samples = load_parquet(
             d.path, label_column=d.label_column, feature_columns=d.feature_columns,
@@ -69,12 +73,14 @@ def load_samples(config: Config) -> Samples:
     return samples
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, before any flow starts, on data or model problems (raises BadInput)."""
+def preflight(config: Config) -> Config:
+    """Fail fast, before any flow starts, on data or model problems (raises BadInput); returns
+    the config to run, without the ``skip_if_unable`` estimators that cannot run on this model
+    (``screen_estimators``: they are listed under ``skipped``)."""
     samples = load_samples(config)
     check_utility(config, samples)
     model = factory_for(config, samples)()
-    attributed_names(model, config.model.modules)
+    attributed = set(attributed_names(model, config.model.modules))
     training_loss(config.task.loss)
     measurement(config)
     out = probe(model, samples)
@@ -85,6 +91,8 @@ def preflight(config: Config) -> None:
     if isinstance(config.train.checkpoints, list):
         for ckpt in config.train.checkpoints:
             _load_into(model, ckpt.path)
+    size = sum(p.numel() for name, p in model.named_parameters() if name in attributed)
+    return screen_estimators(config, size)  # estimators see the attributed parameters only
 
 
 def probe(model: torch.nn.Module, samples: Samples) -> torch.Tensor:

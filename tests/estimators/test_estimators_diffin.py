@@ -1,5 +1,6 @@
-"""Diff-In (spec sections 6, 11): sign test against leave-one-out SGD retraining, finite-difference
-vs autograd curvature, the batched computation vs a per-sample reference, a mislabeled duplicate.
+"""Diff-In and the SGD-unrolled sum (spec sections 6, 11): sign test against leave-one-out SGD
+retraining, finite-difference vs autograd curvature, the batched computation vs a per-sample
+reference, a mislabeled duplicate.
 
 Diff-In is defined over training steps, so the LOO truth here comes from plain minibatch SGD
 (numpy, independent of torch) on L2 logistic regression: digits 3/5/8, n=300, d=48, batch 32,
@@ -20,7 +21,7 @@ from scipy.stats import spearmanr
 from torch.func import functional_call, grad, hessian
 
 from estimators import Checkpoint, ScoringContext
-from estimators.diffin import DiffIn
+from estimators.diffin import DiffIn, UnrolledSGD
 from estimators.hvp import hvp, power_iteration
 from estimators.per_sample import flat_parameters, parameter_order
 from estimators.tracin import TracIn
@@ -122,21 +123,20 @@ def loo_long(digits, kit):
     return _loo_case(digits, kit, **LONG)
 
 
-def _spearman(case: dict, **options) -> float:
-    score = DiffIn(self_influence=False, **options).score(case["ctx"]).score
+def _spearman(case: dict, cls=DiffIn, **options) -> float:
+    score = cls(self_influence=False, **options).score(case["ctx"]).score
     return spearmanr(score[case["removed"]], case["delta"])[0]
 
 
 def test_sign_against_sgd_leave_one_out(loo_short, loo_long, capsys) -> None:
-    """Spec 11.2 for both variants. Measured (seed 1, 60 removals): with the first-order term
-    +0.95 (short run) and -0.27 (long run); the authors' variant (no first-order term) -0.78 and
-    -0.78. Only the first-order variant in the regime where the second-order expansion is valid
-    (t * eta * lambda_max << 1) is asserted positive; the rest are printed, not flipped."""
+    """Spec 11.2 for both estimators (seed 1, 60 removals). diffin (score -I, Koh and Liang's
+    reading of Eq. (9)) must be positive in both regimes; unrolled_sgd only where its expansion
+    holds (t * eta * lambda_max << 1): its long-run figure is printed, not asserted."""
     figures = {}
     for label, case in (("short", loo_short), ("long", loo_long)):
         figures[label] = {
-            "first_order": _spearman(case, include_first_order=True),
-            "faithful": _spearman(case, include_first_order=False),
+            "unrolled": _spearman(case, UnrolledSGD),
+            "diffin": _spearman(case, DiffIn),
             "expansion": _expansion_size(case["ctx"]),
         }
     with capsys.disabled():
@@ -145,15 +145,16 @@ def test_sign_against_sgd_leave_one_out(loo_short, loo_long, capsys) -> None:
             print(
                 f"\n[diffin vs SGD LOO, {label}: {regime['epochs']} epochs, lr {regime['lr']} "
                 f"cosine, n=300, removed={N_REMOVED}, max t*eta*lambda_max={fig['expansion']:.2f}]"
-                f" Spearman include_first_order=True: {fig['first_order']:+.3f}, "
-                f"faithful (include_first_order=False): {fig['faithful']:+.3f}"
+                f" Spearman diffin: {fig['diffin']:+.3f}, unrolled_sgd: {fig['unrolled']:+.3f}"
             )
     assert figures["short"]["expansion"] < 0.5
-    assert figures["short"]["first_order"] > 0.5, figures
+    assert figures["short"]["unrolled"] > 0.5, figures
+    assert figures["short"]["diffin"] > 0 and figures["long"]["diffin"] > 0, figures
 
 
 def test_batches_per_checkpoint_keeps_the_sign(loo_short) -> None:
-    assert _spearman(loo_short, include_first_order=True, batches_per_checkpoint=3) > 0.5
+    assert _spearman(loo_short, UnrolledSGD, batches_per_checkpoint=3) > 0.5
+    assert _spearman(loo_short, DiffIn, batches_per_checkpoint=3) > 0
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +189,13 @@ def mlp_ctx(digits, kit):
     )
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_finite_difference_matches_autograd(mlp_ctx, first_order: bool) -> None:
+@pytest.mark.parametrize("cls", [DiffIn, UnrolledSGD])
+def test_finite_difference_matches_autograd(mlp_ctx, cls) -> None:
     """Spec 11.4 in float64: forward differences (the authors' scheme) within 2e-3 of the exact
     products, central differences within 1e-5 (relative to the largest value)."""
-    exact = DiffIn(include_first_order=first_order, hvp="autograd").score(mlp_ctx)
+    exact = cls(hvp="autograd").score(mlp_ctx)
     for central, tol in ((False, 2e-3), (True, 1e-5)):
-        approx = DiffIn(include_first_order=first_order, central=central).score(mlp_ctx)
+        approx = cls(central=central).score(mlp_ctx)
         for a, b in ((approx.score, exact.score), (approx.suspicion, exact.suspicion)):
             assert np.abs(a - b).max() <= tol * np.abs(b).max(), (central, np.abs(a - b).max())
 
@@ -236,10 +237,9 @@ def _reference(ctx: ScoringContext, include_first_order: bool, batches: int):
     return score, self_inf
 
 
-@pytest.mark.parametrize(("first_order", "batches"), [(False, 1), (True, 2)])
-def test_batched_computation_matches_per_sample_reference(
-    mlp_ctx, first_order: bool, batches: int
-) -> None:
+@pytest.mark.parametrize(("cls", "batches"), [(DiffIn, 1), (UnrolledSGD, 2)])
+def test_batched_computation_matches_per_sample_reference(mlp_ctx, cls, batches: int) -> None:
+    """diffin = -I and unrolled_sgd = +(I + first order), score and suspicion."""
     ctx = ScoringContext(
         model_factory=mlp_ctx.model_factory,
         checkpoints=mlp_ctx.checkpoints[:2],
@@ -252,9 +252,9 @@ def test_batched_computation_matches_per_sample_reference(
         seed=3,
         batch_size=6,
     )
-    score, self_inf = _reference(ctx, first_order, batches)
-    estimator = DiffIn(include_first_order=first_order, batches_per_checkpoint=batches,
-                       hvp="autograd", chunk_size=4)
+    score, self_inf = _reference(ctx, cls.first_order, batches)
+    score, self_inf = cls.sign * score, cls.sign * self_inf
+    estimator = cls(batches_per_checkpoint=batches, hvp="autograd", chunk_size=4)
     result = estimator.score(ctx)
     np.testing.assert_array_equal(result.sample_ids, ctx.train_ids)
     # atol: float64 cancellation in the sums, relative to the largest value
@@ -264,18 +264,20 @@ def test_batched_computation_matches_per_sample_reference(
 
 
 def test_first_order_term_is_tracin_over_n_m(mlp_ctx) -> None:
-    """include_first_order adds sum_t eta_t/(N m) g_z . g_V: TracIn (lr_c = eta_t) / (N m)."""
-    with_first = DiffIn(include_first_order=True, self_influence=False).score(mlp_ctx).score
-    without = DiffIn(include_first_order=False, self_influence=False).score(mlp_ctx).score
+    """unrolled_sgd = I + sum_t eta_t/(N m) g_z . g_V and diffin = -I: their sum is TracIn
+    (lr_c = eta_t) / (N m)."""
+    with_first = UnrolledSGD(self_influence=False).score(mlp_ctx).score
+    without = -DiffIn(self_influence=False).score(mlp_ctx).score
     tracin = TracIn().score(mlp_ctx)
     np.testing.assert_array_equal(tracin.sample_ids, mlp_ctx.train_ids)
     scale = len(mlp_ctx.train_ids) * len(mlp_ctx.checkpoints)
     np.testing.assert_allclose(with_first - without, tracin.score / scale, rtol=1e-8, atol=1e-14)
 
 
-@pytest.mark.parametrize("hvp_kind", ["finite_difference", "autograd"])
-def test_pairwise_columns_sum_to_the_score(mlp_ctx, hvp_kind: str) -> None:
-    estimator = DiffIn(include_first_order=True, hvp=hvp_kind, self_influence=False)
+@pytest.mark.parametrize(("cls", "hvp_kind"), [(UnrolledSGD, "finite_difference"),
+                                                (UnrolledSGD, "autograd"), (DiffIn, "autograd")])
+def test_pairwise_columns_sum_to_the_score(mlp_ctx, cls, hvp_kind: str) -> None:
+    estimator = cls(hvp=hvp_kind, self_influence=False)
     train_ids, target_ids, matrix = estimator.pairwise(mlp_ctx)
     summed = estimator.score(mlp_ctx)
     assert summed.suspicion is None
@@ -297,17 +299,17 @@ def test_deterministic_in_the_seed(mlp_ctx) -> None:
 
 def test_mislabeled_duplicate_scores_negative(digits, kit, capsys) -> None:
     """The most typical '3' replaced by 3 copies labelled '5', SGD as in the LOO test (short run):
-    the first-order variant must call the copies harmful; the faithful variant is printed."""
+    unrolled_sgd must call the copies harmful; diffin's figure is printed."""
     x, y = kit.duplicate_mislabeled(digits["train_x"], digits["train_y"], 3)
     _, checkpoints = _sgd(kit, x, y, **SHORT)
     ctx = _context(x, y, digits["test_x"], digits["test_y"], checkpoints)
     bad = np.arange(len(y) - 3, len(y))
-    with_first = DiffIn(include_first_order=True).score(ctx).score
-    faithful = DiffIn(include_first_order=False).score(ctx).score
+    with_first = UnrolledSGD().score(ctx).score
+    faithful = DiffIn().score(ctx).score
     with capsys.disabled():
         print(
-            f"\n[diffin mislabeled duplicate] include_first_order=True: {with_first[bad[0]]:+.2e}, "
-            f"faithful: {faithful[bad[0]]:+.2e} (median |score| {np.median(np.abs(faithful)):.1e})"
+            f"\n[mislabeled duplicate] unrolled_sgd: {with_first[bad[0]]:+.2e}, diffin: "
+            f"{faithful[bad[0]]:+.2e} (median |score| {np.median(np.abs(faithful)):.1e})"
         )
     assert (with_first[bad] < 0).all(), with_first[bad]
 

@@ -1,12 +1,9 @@
-"""One real pipeline run (Prefect flow, MLflow sqlite store, Parquet, DuckDB) shared by the
-flow tests: the default config made small (MLP, 6 epochs, 3 checkpoints, 2 retrain seeds)."""
+"""Flow-test helpers: the small config (``SMALL``) that tests/conftest.py's shared ``small_run``
+uses, ``--set`` arguments, and one real ``sieve serve`` for the serve and browser tests."""
 
 from __future__ import annotations
 
 import pytest
-
-from flows.cli import main
-from storage.store import RunPaths, Store
 
 SMALL = [
     "train.epochs=6",
@@ -30,13 +27,6 @@ SHARDED_RUN = [
 
 def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
-
-
-@pytest.fixture(scope="session")
-def small_run(tmp_path_factory) -> tuple[Store, RunPaths]:
-    store = Store(tmp_path_factory.mktemp("store"))
-    assert main(["run", "--store", str(store.root), *sets(*SMALL)]) == 0
-    return store, store.latest_run()
 
 
 @pytest.fixture(scope="session")

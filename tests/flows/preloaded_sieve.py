@@ -25,7 +25,7 @@ def serve() -> None:
     import flows.environment
     import flows.evaluate
     import flows.pipeline
-    import flows.report
+    import presentation.report  # noqa: F401
     import tasks.train  # noqa: F401  (everything ``main`` imports lazily)
     from storage.atomic import write_text_atomic
 

@@ -1,6 +1,7 @@
 """The run's report: ``runs/<run_id>/report.html``, one self-contained file (figures inline as
 base64 PNG, styles inline, no scripts, no external links), written atomically at the end of
-``sieve run`` and ``sieve evaluate`` and logged to the MLflow parent run as ``report.html``.
+``sieve run`` and ``sieve evaluate`` (by the ``report`` task, tasks/report.py) and logged to the
+MLflow parent run as ``report.html``.
 
 Stable hooks for readers and browser tests: ``table#summary-table`` (one row per estimator),
 ``img.plot`` (the figures), ``figure.sample`` (a training sample, inside ``#samples``).
@@ -10,27 +11,28 @@ from __future__ import annotations
 
 import base64
 import html
-import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from storage.atomic import write_text_atomic
-from storage.store import RunPaths
-from storage.tracking import Tracking, log_store_file
-from tasks.config import config_yaml
-from tasks.report_data import ReportData, SampleRow, read_report_data
-from tasks.report_figures import (
+from estimators.metrics import sample_sd
+from presentation.report_data import ReportData, SampleRow, read_report_data
+from presentation.report_figures import (
+    Boundary,
+    decision_boundaries,
     detection_roc,
     found_curves,
     loss_curve,
     sample_image,
     score_histograms,
 )
-from tasks.score import target_name
+from storage.atomic import write_text_atomic
+from storage.store import RunPaths
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 REPORT_FILE = "report.html"
 _MAX_FEATURES = 16  # columns shown per tabular sample
@@ -73,24 +75,14 @@ def report_path(run: RunPaths) -> Path:
     return run.dir / REPORT_FILE
 
 
-def write_report(run: RunPaths) -> Path:
-    """Render the run's report from the store and write it atomically; returns its path."""
+def write_report(run: RunPaths, config: Config, target: str,
+                 boundary: Boundary | None = None) -> Path:
+    """Render the run's report from the store (``config``: the run's; ``target``: the scores'
+    partition; ``boundary``: a 2-feature model's decision regions) and write it atomically;
+    returns its path."""
     path = report_path(run)
-    write_text_atomic(render_report(read_report_data(run)), path)
+    write_text_atomic(render_report(read_report_data(run, config, target, boundary)), path)
     return path
-
-
-@task(name="report", cache_policy=NO_CACHE)
-def report_stage(run: RunPaths, tracking: Tracking) -> str:
-    """Write report.html and log it to the MLflow parent run; returns the file's path."""
-    log = get_run_logger()
-    started = time.perf_counter()
-    path = write_report(run)
-    log_store_file(tracking.client(), tracking.parent_run_id, path)
-    log.info("report: %s (%.0f KiB) in %.1f s, MLflow artifact %s of run %s", path.as_uri(),
-             path.stat().st_size / 1024, time.perf_counter() - started, REPORT_FILE,
-             tracking.parent_run_id)
-    return str(path)
 
 
 def render_report(data: ReportData) -> str:
@@ -105,7 +97,7 @@ def render_report(data: ReportData) -> str:
         *(_plot(name, caption, png) for name, caption, png in _plots(data)),
         "</div></section>", _samples_section(data),
         '<section id="config"><h2>Config</h2><details><summary>config.yaml (resolved)</summary>',
-        f"<pre>{_e(config_yaml(data.config))}</pre></details></section>",
+        f"<pre>{_e(data.config_text)}</pre></details></section>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -120,7 +112,11 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def _mean_sd(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" if values else "–"
+    """``mean ± sd`` in percent (sample sd, ddof=1; "–" for the sd of one value)."""
+    if not values:
+        return "–"
+    sd = sample_sd(values)
+    return f"{100 * np.mean(values):.2f} ± {'–' if np.isnan(sd) else f'{100 * sd:.2f}'}"
 
 
 def _delta(values: list[float], reference: list[float]) -> str:
@@ -145,7 +141,7 @@ def _overview(data: ReportData) -> str:
         ("data", f"{c.data.path or c.data.name} (label noise {c.data.noise:g})"),
         ("model", c.model.factory or c.model.name),
         ("estimators", ", ".join(data.estimators) or "–"),
-        ("target", target_name(c)),
+        ("target", data.target),
         ("accuracy after training", ", ".join(
             f"{split} {100 * train[f'{split}_accuracy']:.2f}%"
             for split in ("train", "val", "test") if f"{split}_accuracy" in train) or "–"),
@@ -156,12 +152,17 @@ def _overview(data: ReportData) -> str:
     return f'<dl class="overview">{rows}</dl>'
 
 
-def _table(columns: list[str], rows: list[list[str]]) -> str:
+def _table(columns: list[str], rows: list[list[str]], skipped: dict[str, str]) -> str:
+    """The summary table; ``skipped`` estimators get one row each: ``skipped: <reason>``."""
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td{'' if i == 0 else _NUM}>{_e(v)}</td>"
                          for i, v in enumerate(row)) + "</tr>"
         for row in rows
+    ) + "".join(
+        f'<tr class="skipped"><td>{_e(name)}</td><td colspan="{len(columns) - 1}">'
+        f"{_e('skipped: ' + reason)}</td></tr>"
+        for name, reason in skipped.items()
     )
     return f'<table id="summary-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -196,7 +197,7 @@ def _run_summary(data: ReportData) -> str:
             f"random removal of {100 * data.config.prune.fraction:g}% {_mean_sd(random)}. "
             "“vs” columns are differences in percentage points. precision@k: share of "
             "corrupted samples among the k most harmful, k = number corrupted.")
-    return _table(columns, rows) + f"<p>{_e(note)}</p>"
+    return _table(columns, rows, data.config.skipped) + f"<p>{_e(note)}</p>"
 
 
 def _evaluation_summary(data: ReportData) -> str:
@@ -219,7 +220,7 @@ def _evaluation_summary(data: ReportData) -> str:
     rand = data.evaluation.get("random_removal", {}).get(f"prune_accuracy@{q}")
     note = (f"Test accuracy: full data {_num(None if full is None else 100 * full, 2)}%, "
             f"random removal of {100 * q:g}% {_num(None if rand is None else 100 * rand, 2)}%.")
-    return _table(columns, rows) + f"<p>{_e(note)}</p>"
+    return _table(columns, rows, data.config.skipped) + f"<p>{_e(note)}</p>"
 
 
 def _plots(data: ReportData) -> list[tuple[str, str, bytes]]:
@@ -243,6 +244,11 @@ def _plots(data: ReportData) -> list[tuple[str, str, bytes]]:
                       "curve per estimator.", detection_roc(data.scores, data.corrupted)))
         plots.append(("corrupted found", "Share of all corrupted samples among the q most "
                       "harmful, per estimator.", found_curves(data.scores, data.corrupted)))
+    if data.boundary is not None and data.boundary.harmful:
+        plots.append(("decision boundary", "The trained model's decision regions over the 2 "
+                      "features, the training points by label (mislabeled ones outlined in red) "
+                      "and, circled, each estimator's most harmful training samples (as many as "
+                      "are mislabeled).", decision_boundaries(data.boundary)))
     known = list(_STAGE_PLOTS)
     others = sorted(data.stage_plots() - set(known) - {"score_distributions.png"})
     for name in known + others:

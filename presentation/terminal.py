@@ -6,12 +6,11 @@ from __future__ import annotations
 import atexit
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from prefect.logging.handlers import PrefectConsoleHandler
-
-from tasks.progress import live_bars
+from rich.console import Console
 
 
 def _stream_handlers() -> list[logging.Handler]:
@@ -55,13 +54,13 @@ def _prefect_console() -> PrefectConsoleHandler | None:
                 None)
 
 
-def flow_output(quiet: bool):
+def flow_output(quiet: bool, bars: Callable[[Console], AbstractContextManager[None]]):
     """A context for running a flow from the CLI. ``quiet``: errors only. Otherwise progress
-    bars (drawn on Prefect's console, so its log lines scroll above them) when stdout and
-    Prefect's console are both terminals; plain progress log lines when not."""
+    bars (``bars(console)``, drawn on Prefect's console, so its log lines scroll above them)
+    when stdout and Prefect's console are both terminals; plain progress log lines when not."""
     if quiet:
         return errors_only()
     console = _prefect_console()
     if console is not None and sys.stdout.isatty() and console.console.is_terminal:
-        return live_bars(console.console)
+        return bars(console.console)
     return nullcontext()

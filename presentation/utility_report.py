@@ -4,14 +4,18 @@ beside test accuracy (mean ± sd over seeds), and the deletion-prediction correl
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from estimators.metrics import sample_sd
 from storage.metrics import read_metrics
 from storage.store import Store
-from tasks.config import Config
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 COLUMNS = {
     "test_accuracy": "test acc %",
@@ -54,8 +58,9 @@ def print_utility(console: Console, store: str, run_id: str, config: Config) -> 
                 v = np.asarray(metrics.get(column, []))
                 scale = 100 if column in PERCENT else 1
                 digits = 2 if column in PERCENT else 4
-                cells.append(f"{scale * v.mean():.{digits}f} ± {scale * v.std():.{digits}f}"
-                             if v.size else "–")
+                sd = sample_sd(v)
+                spread = "–" if np.isnan(sd) else f"{scale * sd:.{digits}f}"
+                cells.append(f"{scale * v.mean():.{digits}f} ± {spread}" if v.size else "–")
             table.add_row(arm_label(arm, config), *cells)
         console.print(table)
     deletion = [m for m in rows if m["stage"] == "deletion" and m["name"] == "deletion_pearson"]

@@ -1,10 +1,12 @@
 """Figures of the HTML report, as PNG bytes (matplotlib, Agg backend): the training loss, score
-histograms, noisy-label detection curves, and one small image per training sample."""
+histograms, noisy-label detection curves, one small image per training sample, and the decision
+boundary of a 2-feature model with each estimator's most harmful points."""
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -105,3 +107,49 @@ def sample_image(pixels: np.ndarray, vmin: float, vmax: float) -> bytes:
         scaled = np.clip((pixels - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
         plt.imsave(buf, scaled, format="png")
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A 2-feature model's decision regions and its training points, for the sanity-check
+    figure. ``grid_x`` (G,), ``grid_y`` (H,), ``predicted`` (H, G) class of each grid cell;
+    ``points`` (n, 2), ``labels`` (n,) as trained on, ``corrupted`` (n,) bool, ``sample_ids``
+    (n,); ``harmful`` {estimator: sample ids of its k most harmful training samples}."""
+
+    grid_x: np.ndarray
+    grid_y: np.ndarray
+    predicted: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    corrupted: np.ndarray
+    sample_ids: np.ndarray
+    harmful: dict[str, np.ndarray]
+
+
+def decision_boundaries(b: Boundary) -> bytes:
+    """One panel per estimator: the decision regions, the training points by label (mislabeled
+    ones outlined in red) and that estimator's most harmful points circled, with how many of
+    them are mislabeled in the title."""
+    names = list(b.harmful)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.6 * rows), squeeze=False)
+    position = {int(s): i for i, s in enumerate(b.sample_ids)}
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.contourf(b.grid_x, b.grid_y, b.predicted, alpha=0.18, cmap="coolwarm",
+                    levels=np.arange(b.predicted.max() + 2) - 0.5)
+        ax.scatter(*b.points.T, c=b.labels, cmap="coolwarm", s=9, vmin=0,
+                   vmax=max(1, int(b.labels.max())), linewidths=0)
+        bad = b.corrupted
+        ax.scatter(*b.points[bad].T, facecolors="none", edgecolors="#c33", s=22, linewidths=0.8)
+        picked = np.array([position[int(s)] for s in b.harmful[name] if int(s) in position],
+                          dtype=int)
+        ax.scatter(*b.points[picked].T, facecolors="none", edgecolors="black", s=70,
+                   linewidths=1.1)
+        found = int(bad[picked].sum()) if len(picked) else 0
+        ax.set_title(f"{name}: {found}/{len(picked)} mislabeled", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    return _png(fig)

@@ -14,12 +14,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from flows.pipeline import RunSummary
-from flows.report import print_run_summary
+from presentation.report import print_run_summary
+from presentation.report_data import EXTREMES
+from presentation.summaries import RunSummary
 from storage.metrics import read_metrics
 from storage.store import Store
 from tasks.config import load_resolved_config
-from tasks.report_data import EXTREMES
 from tests.flows.conftest import sets
 
 ESTIMATORS = ["random", "loss", "ip", "cosine", "tracin", "if_exact"]  # the default config's

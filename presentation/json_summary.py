@@ -2,8 +2,9 @@
 
 Keys: ``command`` ("run" or "evaluate"), ``run_id``, ``store``, ``mlflow_run_id``, ``report``
 (absolute path of report.html, or null), ``seconds``, ``rows`` (one object per estimator:
-``estimator`` plus its metrics; NaN and infinities become null) and, for ``run``, ``accuracy``
-({arm: [test accuracy per retrain seed]}). Accuracies are fractions, not percent.
+``estimator`` plus its metrics; NaN and infinities become null; an estimator the run skipped
+has only ``estimator`` and ``skipped``, the reason) and, for ``run``, ``accuracy`` ({arm: [test
+accuracy per retrain seed]}). Accuracies are fractions, not percent.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from flows.evaluate import EvaluationSummary
-from flows.pipeline import RunSummary
+from estimators.metrics import sample_sd
+from presentation.summaries import EvaluationSummary, RunSummary
 
 
 def _finite(value: Any) -> Any:
@@ -39,7 +40,7 @@ def _run_rows(summary: RunSummary) -> list[dict[str, Any]]:
         pruned = acc.get(f"pruned:{name}")
         if pruned:
             row["pruned_test_accuracy_mean"] = float(np.mean(pruned))
-            row["pruned_test_accuracy_sd"] = float(np.std(pruned))
+            row["pruned_test_accuracy_sd"] = sample_sd(pruned)  # NaN (null) for one seed
             if full:
                 row["pruned_vs_full"] = float(np.mean(pruned) - np.mean(full))
             if random:
@@ -48,8 +49,10 @@ def _run_rows(summary: RunSummary) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_json(summary: RunSummary | EvaluationSummary, seconds: float) -> str:
-    """The one-line JSON object printed by ``--json``."""
+def summary_json(summary: RunSummary | EvaluationSummary, seconds: float,
+                 skipped: dict[str, str] | None = None) -> str:
+    """The one-line JSON object printed by ``--json``; ``skipped``: {estimator: reason} of the
+    estimators the run skipped (``Config.skipped``)."""
     out: dict[str, Any] = {
         "command": "evaluate" if isinstance(summary, EvaluationSummary) else "run",
         "run_id": summary.run_id,
@@ -63,4 +66,6 @@ def summary_json(summary: RunSummary | EvaluationSummary, seconds: float) -> str
         out["accuracy"] = summary.accuracy
     else:
         out["rows"] = [{"estimator": name, **row} for name, row in summary.table.items()]
+    out["rows"] += [{"estimator": name, "skipped": reason}
+                    for name, reason in (skipped or {}).items()]
     return json.dumps(_finite(out), allow_nan=False)

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from estimators.base import Attribution  # noqa: E402
+from estimators.metrics import sample_sd  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def accuracy_comparison(arms: dict[str, list[float]], path: Path) -> Path:
     """Test accuracy per arm (full data, random removal, pruned by X): mean ± sd over seeds."""
     names = list(arms)
     means = [float(np.mean(arms[n])) for n in names]
-    sds = [float(np.std(arms[n])) for n in names]
+    sds = np.nan_to_num([sample_sd(arms[n]) for n in names])  # one seed: no bar
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
     ax.bar(names, means, yerr=sds, capsize=4, color="#4c72b0")
     for i, n in enumerate(names):
@@ -92,7 +93,8 @@ def prune_curves(
     for name in [*estimators, "random"]:
         values = [accuracy[f"{name}@{q}"] for q in fractions]
         style = {"color": "black", "linestyle": "--"} if name == "random" else {}
-        ax.errorbar(xs, [np.mean(v) for v in values], yerr=[np.std(v) for v in values],
+        spread = np.nan_to_num([sample_sd(v) for v in values])  # one seed: no bar
+        ax.errorbar(xs, [np.mean(v) for v in values], yerr=spread,
                     label=name, capsize=2, marker="o", markersize=3, **style)
     ax.axhline(np.mean(accuracy["full"]), color="gray", linewidth=0.8, label="full data")
     ax.set_xlabel("% of training samples removed")

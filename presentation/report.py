@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flows.evaluate import EvaluationSummary
-from flows.multistage import MultistageSummary
-from flows.pipeline import RunSummary
-from flows.utility_report import arm_label, print_utility
+from estimators.metrics import sample_sd
+from presentation.summaries import EvaluationSummary, MultistageSummary, RunSummary
+from presentation.utility_report import arm_label, print_utility
 from storage.location import is_url
 from storage.metrics import read_metrics
 from storage.store import Store
-from tasks.config import Config
+from storage.yaml12 import load_yaml
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 
 def _console() -> Console:
@@ -25,8 +27,11 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
-def _mean_sd(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
+def _mean_sd(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """``mean ± sd`` (sample sd, ddof=1; "–" for the sd of one value)."""
+    sd = sample_sd(values)
+    spread = "–" if np.isnan(sd) else f"{scale * sd:.{digits}f}"
+    return f"{scale * np.mean(values):.{digits}f} ± {spread}"
 
 
 def _delta(values: list[float], reference: list[float]) -> str:
@@ -52,6 +57,7 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
             _delta(pruned, full) if pruned else "",
             _delta(pruned, random) if pruned else "",
         )
+    _skipped_rows(table, config)
     console.print(table)
     _print_attributed(console, summary.store, summary.run_id, config)
     n = len(full)
@@ -69,6 +75,12 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"  mlflow ui --backend-store-uri {Store(store).mlflow_uri}   "
         f"(parent run {summary.mlflow_run_id})"
     )
+
+
+def _skipped_rows(table: Table, config: Config) -> None:
+    """One row per estimator the run skipped: its name, then ``skipped: <reason>``."""
+    for name, reason in config.skipped.items():
+        table.add_row(name, f"skipped: {reason}", *[""] * (len(table.columns) - 2))
 
 
 def _print_attributed(console: Console, store: str, run_id: str, config: Config) -> None:
@@ -122,6 +134,7 @@ def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float)
                       _fmt(row.get("loo_spearman")), _fmt(row.get("detection_auc")),
                       _fmt(None if gain is None else 100 * gain, 2),
                       seconds, _fmt(row.get("peak_mb"), 1))
+    _skipped_rows(table, config)
     console = _console()
     console.print(table)
     _print_attributed(console, summary.store, summary.run_id, config)
@@ -157,7 +170,7 @@ def print_multistage(summary: MultistageSummary, config: Config, seconds: float)
             arm, f"most harmful {q} by {name}")
         table.add_row(
             label,
-            f"{np.mean(loss):.4f} ± {np.std(loss):.4f}",
+            _mean_sd(loss, scale=1, digits=4),
             f"{np.mean(loss) - np.mean(random):+.4f}" if random and arm != "random" else "",
             _mean_sd(values["test_accuracy"]),
             _fmt(row.get("loo_pearson")),
@@ -181,7 +194,7 @@ def print_runs(store: Store) -> None:
     for column in ("run id", "data", "model", "estimators", "stages done", "best detection AUC"):
         table.add_column(column)
     for run in store.list_runs():
-        config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+        config = load_yaml(run.config.read_text()) if run.config.exists() else {}
         metrics = read_metrics(run.metrics).to_pylist()
         order = ["train", "pretrain", "finetune", "gradients", "score", "prune", "retrain",
                  "groundtruth", "evaluate", "validate"]

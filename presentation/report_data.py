@@ -1,5 +1,6 @@
-"""What the HTML report shows, read from the store alone: the run's config, metrics and
-evaluation rows, and its scores and samples through the DuckDB views."""
+"""What the HTML report shows, read from the store: the run's config file, metrics and
+evaluation rows, and its scores and samples through the DuckDB views. The caller passes the
+run's config (as validated) and the name of the target the scores were written for."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from presentation.report_figures import Boundary
 from storage.atomic import read_parquet_schema
 from storage.store import RunPaths
 from storage.views import open_run
-from tasks.config import Config, load_resolved_config
-from tasks.score import target_name
+
+if TYPE_CHECKING:  # the config is passed in as a value; presentation never imports tasks
+    from tasks.config import Config
 
 EXTREMES = 8  # most harmful and most helpful samples shown per estimator
 
@@ -60,6 +64,8 @@ class ReportData:
 
     run: RunPaths
     config: Config
+    config_text: str  # the run's config.yaml as stored (the resolved config)
+    target: str  # the scores' target partition, e.g. val_loss
     mlflow_run_id: str | None
     metrics: list[dict]
     evaluation: dict[str, dict[str, float]]
@@ -70,6 +76,7 @@ class ReportData:
     helpful: dict[str, list[SampleRow]]
     input_shape: tuple[int, ...]
     feature_names: list[str] | None = None
+    boundary: Boundary | None = None  # 2-feature data: decision regions and harmful points
 
     @property
     def is_evaluation(self) -> bool:
@@ -87,9 +94,11 @@ class ReportData:
                 if folder.is_dir() else set())
 
 
-def read_report_data(run: RunPaths) -> ReportData:
-    config = load_resolved_config(run.config)
-    params = {"target": target_name(config)}
+def read_report_data(run: RunPaths, config: Config, target: str,
+                     boundary: Boundary | None = None) -> ReportData:
+    """The report's data of ``run`` (its ``config``; scores of partition ``target``;
+    ``boundary``: the decision-boundary figure's data when the caller made it)."""
+    params = {"target": target}
     with open_run(run) as con:
         cursor = con.execute("select stage, name, value, estimator, seed, step from metrics")
         columns = [d[0] for d in cursor.description]
@@ -124,12 +133,12 @@ def read_report_data(run: RunPaths) -> ReportData:
         rows.sort(key=lambda r: (-r.score, r.sample_id))
     id_file = run.dir / "mlflow_run_id"
     return ReportData(
-        run=run, config=config,
+        run=run, config=config, config_text=run.config.read_text(), target=target,
         mlflow_run_id=id_file.read_text().strip() if id_file.exists() else None,
         metrics=metrics, evaluation=dict(evaluation), estimators=names, scores=scores,
         corrupted=flags if known and any(f.any() for f in flags.values()) else None,
         harmful=dict(harmful), helpful=dict(helpful), input_shape=_input_shape(run),
-        feature_names=_feature_names(config),
+        feature_names=_feature_names(config), boundary=boundary,
     )
 
 
