@@ -327,6 +327,11 @@ class LdsConfig(Section):
     fraction: float = Field(0.5, gt=0, lt=1, description="fraction of the train split kept")
     seeds: int = Field(2, ge=1)
     targets: int = Field(100, ge=1, description="test samples attributed one by one")
+    fresh_seeds: int = Field(
+        0, ge=0, description="also retrain every subset this many times from fresh "
+        "initializations and data orders (not the attributed model's) and report 'lds_fresh' "
+        "beside the fixed-seed 'lds' (0: off)"
+    )
 
 
 class PruneCurveConfig(Section):
