@@ -134,7 +134,7 @@ def truth_check(truth, names: list[str], table: dict) -> float:
             mine = metrics(truth, train, align(ids, score, train), matrix, targets)
         except KeyError:  # an estimator without train x test attributions
             mine = metrics(truth, ids, score)
-        for key in ("loo_pearson", "loo_spearman", "lds"):
+        for key in ("loo_pearson", "loo_spearman", "lds", "lds_fresh"):
             a, b = mine.get(key), table[name].get(key)
             if a is not None and b is not None and np.isfinite(a) and np.isfinite(b):
                 worst = max(worst, abs(a - b))
@@ -224,10 +224,16 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _lds(row: dict) -> str:
-    if "lds" not in row or not np.isfinite(row["lds"]):
+def _lds(row: dict, key: str = "lds") -> str:
+    if key not in row or not np.isfinite(row[key]):
         return "–"
-    return f"{row['lds']:.3f} [{_fmt(row.get('lds_low'))}, {_fmt(row.get('lds_high'))}]"
+    return f"{row[key]:.3f} [{_fmt(row.get(key + '_low'))}, {_fmt(row.get(key + '_high'))}]"
+
+
+def _seconds(row: dict) -> str:
+    """Summed-target seconds, then the train x test (pairwise) seconds when known."""
+    pairwise = row.get("pairwise_seconds")
+    return _fmt(row.get("seconds"), 2) + ("" if pairwise is None else f" / {pairwise:.2f}")
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -238,21 +244,20 @@ def table_rows(result: dict) -> list[list[str]]:
     for name in result["estimators"]:
         r = sieve[name]
         gain = r.get(f"prune_gain@{q}")
-        rows.append([f"sieve {name}", _lds(r), _fmt(r.get("loo_pearson")),
+        rows.append([f"sieve {name}", _lds(r), _lds(r, "lds_fresh"), _fmt(r.get("loo_pearson")),
                      _fmt(r.get("loo_spearman")), _fmt(r.get("detection_auc")),
-                     _fmt(None if gain is None else 100 * gain, 2), _fmt(r.get("seconds"), 2),
-                     ""])
+                     _fmt(None if gain is None else 100 * gain, 2), _seconds(r), ""])
     ensemble = result.get("ensemble")
     for name in ensemble["estimators"] if ensemble else ():
         r = ensemble["sieve"][name]
         gain = r.get(f"prune_gain@{q}")
-        rows.append([f"sieve {name} ×{ensemble['models']}", _lds(r), _fmt(r.get("loo_pearson")),
-                     _fmt(r.get("loo_spearman")), _fmt(r.get("detection_auc")),
-                     _fmt(None if gain is None else 100 * gain, 2), _fmt(r.get("seconds"), 2),
-                     ""])
+        rows.append([f"sieve {name} ×{ensemble['models']}", _lds(r), _lds(r, "lds_fresh"),
+                     _fmt(r.get("loo_pearson")), _fmt(r.get("loo_spearman")),
+                     _fmt(r.get("detection_auc")), _fmt(None if gain is None else 100 * gain, 2),
+                     _seconds(r), ""])
     for p in result["peers"]:
         if not p["ok"]:
-            rows.append([p["peer"], f"failed: {p['error']}", "–", "–", "–", "–", "–", "–"])
+            rows.append([p["peer"], f"failed: {p['error']}", "–", "–", "–", "–", "–", "–", "–"])
             continue
         r = p["metrics"]
         gain = r.get(f"prune_gain@{q}")
@@ -264,10 +269,10 @@ def table_rows(result: dict) -> list[list[str]]:
                 ratio += f" ({p['seconds'] / (family + grads):.1f}× with gradients)"
         else:
             ratio = f"– ({p['family']} not run)"
-        rows.append([p["peer"], _lds(r), _fmt(r.get("loo_pearson")),
+        rows.append([p["peer"], _lds(r), _lds(r, "lds_fresh"), _fmt(r.get("loo_pearson")),
                      _fmt(r.get("loo_spearman")), _fmt(r.get("detection_auc")),
                      "not run" if gain is None else _fmt(100 * gain, 2),
-                     _fmt(p["seconds"], 2), ratio])
+                     _seconds(p), ratio])
     return rows
 
 
@@ -276,8 +281,9 @@ def _short(cell: str, limit: int = 90) -> str:
     return cell if len(cell) <= limit else cell[: limit - 1] + "…"
 
 
-COLUMNS = ["estimator", "LDS (95% CI)", "LOO Pearson", "LOO Spearman", "detection AUC",
-           "prune gain @10% vs random (pts)", "seconds", "time × Sieve"]
+COLUMNS = ["estimator", "LDS (95% CI)", "fresh-seed LDS (95% CI)", "LOO Pearson",
+           "LOO Spearman", "detection AUC", "prune gain @10% vs random (pts)",
+           "seconds (summed target / pairwise)", "time × Sieve"]
 
 
 def print_result(result: dict, console) -> None:

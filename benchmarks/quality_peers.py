@@ -21,8 +21,9 @@ scores positive when the train sample raises the target's margin. A negative LOO
 correlation for a peer is therefore reported as measured, not flipped.
 
 Settings follow Sieve's estimator of the same family where the library has the knob: the
-influence peers get ``weight_decay + 0.01`` as their damping (Sieve's ``damping`` default plus
-the training weight decay, as in ``if_exact``); TRAK peers project to 512 dims (Sieve's ``k``)
+influence peers get ``weight_decay + 0.01`` as their damping (Sieve's absolute default before
+its damping became relative to the curvature, ``estimators/damping.py``: on digits-mlp the
+relative default is 0.0101, on digits-logreg 0.0011); TRAK peers project to 512 dims (Sieve's ``k``)
 on the final checkpoint; TracIn peers use every checkpoint with Sieve's learning rates.
 Everything runs on the CPU in float32 with one torch thread.
 """

@@ -37,6 +37,7 @@ class GroundTruth:
     target_ids: np.ndarray  # (T,) sorted LDS targets
     membership: np.ndarray  # (M, n) bool: kept in subset j
     margins: np.ndarray  # (M, T) mean margin over seeds after retrain j
+    fresh: tuple[np.ndarray, np.ndarray] | None  # (membership, margins) over fresh seeds
     random_accuracy: dict[float, list[float]]  # q -> test accuracy of random removal, per seed
     full_accuracy: list[float]
 
@@ -82,6 +83,8 @@ def load_ground_truth(store_root: str, run_id: str) -> GroundTruth:
 
     target_ids = pairwise_targets(config, work.samples.sample_id[work.rows("test")])
     membership, margins = lds_truth(by_role["lds"], outcomes, train_ids, target_ids)
+    fresh = (lds_truth(by_role["lds_fresh"], outcomes, train_ids, target_ids)
+             if by_role["lds_fresh"] else None)
 
     random_accuracy: dict[float, list[float]] = defaultdict(list)
     for r in by_role["random"]:
@@ -97,7 +100,7 @@ def load_ground_truth(store_root: str, run_id: str) -> GroundTruth:
         corrupted=corrupted, loo_ids=loo_ids,
         loo_delta=np.array([np.mean(loo[int(i)]) for i in loo_ids]),
         target_ids=np.asarray(target_ids, dtype=np.int64), membership=membership,
-        margins=margins, random_accuracy=dict(random_accuracy),
+        margins=margins, fresh=fresh, random_accuracy=dict(random_accuracy),
         full_accuracy=[o.accuracy("test") for o in full.values()],
     )
 
@@ -116,7 +119,8 @@ def metrics(truth: GroundTruth, train_ids: np.ndarray, score: np.ndarray,
             matrix: np.ndarray | None = None, target_ids: np.ndarray | None = None
             ) -> dict[str, float]:
     """Sieve's metrics for ``score`` (n,) and, when given, ``matrix`` (n, T) over
-    ``target_ids``: LOO Pearson/Spearman, LDS mean and 95% CI, detection AUC of -score."""
+    ``target_ids``: LOO Pearson/Spearman, LDS mean and 95% CI (and the fresh-seed LDS when the
+    run has it), detection AUC of -score."""
     score = align(train_ids, score, truth.train_ids)
     row: dict[str, float] = {}
     at = np.searchsorted(truth.train_ids, truth.loo_ids)
@@ -126,6 +130,9 @@ def metrics(truth: GroundTruth, train_ids: np.ndarray, score: np.ndarray,
         m = align(target_ids, m.T, truth.target_ids).T
         row["lds"], row["lds_low"], row["lds_high"] = mean_ci(
             lds(m, truth.membership, truth.margins))
+        if truth.fresh is not None:
+            row["lds_fresh"], row["lds_fresh_low"], row["lds_fresh_high"] = mean_ci(
+                lds(m, *truth.fresh))
     if truth.corrupted is not None:
         row["detection_auc"] = detection_auc(-score, truth.corrupted)
     return row

@@ -229,3 +229,58 @@ def curvature_operator(
         return torch.cat(blocks, dim=1) if blocks else v.clone()
 
     return apply
+
+
+def arnoldi_eigenpairs(
+    matvec: MatVec,
+    d: int,
+    n_iter: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    breakdown_tol: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric operator from ``n_iter`` steps of Arnoldi (Schioppa et al. 2021).
+
+    Starts from a seeded random unit vector; every new Krylov vector is orthogonalized twice
+    against all previous ones (full re-orthogonalization). On breakdown (residual below
+    ``breakdown_tol`` times the largest ``||A q||`` seen) it restarts from a fresh random vector
+    orthogonal to the basis, so ``n_iter = d`` always spans the whole space. The Hessenberg
+    matrix Q^T A Q (n_iter, n_iter) is symmetrized and diagonalized. Returns (eigenvalues (k,),
+    descending; eigenvectors U (d, k), orthonormal columns), k = n_iter. Cost ``n_iter``
+    products, O(d n_iter^2) time and O(d n_iter) memory.
+    """
+    if not 1 <= n_iter <= d:
+        raise ValueError(f"n_iter must be in [1, d={d}], got {n_iter}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_unit(basis: torch.Tensor) -> torch.Tensor:
+        q = torch.randn(d, generator=gen, dtype=dtype).to(device)
+        for _ in range(2):
+            q = q - basis @ (basis.T @ q)
+        return q / torch.linalg.vector_norm(q)
+
+    basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
+    hessenberg = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
+    basis[:, 0] = random_unit(basis[:, :0])
+    largest = 0.0
+    for k in range(n_iter):
+        w = matvec(basis[:, k])
+        largest = max(largest, float(torch.linalg.vector_norm(w)))
+        known = basis[:, : k + 1]
+        for _ in range(2):
+            coefficients = known.T @ w
+            hessenberg[: k + 1, k] += coefficients
+            w = w - known @ coefficients
+        if k + 1 == n_iter:
+            break
+        norm = float(torch.linalg.vector_norm(w))
+        if norm <= breakdown_tol * largest:
+            basis[:, k + 1] = random_unit(known)
+        else:
+            hessenberg[k + 1, k] = norm
+            basis[:, k + 1] = w / norm
+    symmetric = (hessenberg + hessenberg.T) / 2
+    values, vectors = torch.linalg.eigh(symmetric)
+    order = torch.argsort(values, descending=True)
+    return values[order], basis @ vectors[:, order]

@@ -20,6 +20,13 @@ from torch.func import hessian, jacrev, vmap
 
 from estimators._streaming import gradient_source, linear_pairwise, stream, target_vectors
 from estimators.base import Attribution, Estimator, Needs, PairwiseVectors, ScoringContext
+from estimators.damping import (
+    check_damping,
+    mean_eigenvalue,
+    negative_curvature,
+    relative_damping,
+    resolve,
+)
 from estimators.per_sample import flat_parameters, parameter_count, parameter_order
 from workloads.inputs import Inputs, call_functional, cast_floating, num_rows, take, unsqueeze_rows
 
@@ -139,6 +146,9 @@ class ExactInfluence(Estimator):
     ``H_total = curvature + (ctx.weight_decay + damping) * I`` where ``curvature`` is the GGN
     (default, PSD) or the exact Hessian of the mean training loss at theta_final, and
     ``ctx.weight_decay`` is lam in the objective ``mean loss + (lam/2) ||theta||^2``.
+    ``damping`` None (default): max(0.1 x the mean eigenvalue of ``curvature``, minus the
+    Hessian's smallest eigenvalue), estimated as the matrix-free estimators do, so they agree
+    (``estimators.damping``); a number: that absolute value (0: the undamped solve).
 
     ``score(z) = g_z . s`` with ``s = H_total^{-1} g_V`` (g_V the summed target-loss gradient),
     so ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` (positive = beneficial, units of target
@@ -151,16 +161,17 @@ class ExactInfluence(Estimator):
     needs = Needs(checkpoints="final", gradients=True, model=True, full_gradients=True)
 
     def __init__(
-        self, curvature: Curvature = "ggn", damping: float = 0.01, max_params: int = 6000
+        self, curvature: Curvature = "ggn", damping: float | None = None, max_params: int = 6000
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        check_damping(damping)
         self.curvature = curvature
         self.damping = damping
         self.max_params = max_params
-        self._cached: tuple[tuple, torch.Tensor] | None = None
+        self.damping_used: float | None = None
+        """The damping of the last solve (``damping``, or the relative default), without wd."""
+        self._cached: tuple[tuple, torch.Tensor, float] | None = None
 
     def _factor(self, ctx: ScoringContext) -> torch.Tensor:
         """Cholesky factor of H_total at the final checkpoint; kept for the next call on the
@@ -171,14 +182,20 @@ class ExactInfluence(Estimator):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         key = (self.curvature, self.damping, ctx.weight_decay, digest.hexdigest())
         if self._cached is not None and self._cached[0] == key:
+            self.damping_used = self._cached[2]
             return self._cached[1]
         model = ctx.model_at(ctx.final)
-        refused = self.refusal(parameter_count(model))
+        d = parameter_count(model)
+        refused = self.refusal(d)
         if refused is not None:
             raise ValueError(refused)
         h = curvature_matrix(model, ctx.train_x, ctx.train_y, kind=self.curvature)
-        factor = damped_cholesky(h, ctx.weight_decay + self.damping, overwrite=True)
-        self._cached = (key, factor)
+        self.damping_used = resolve(self.damping, lambda: relative_damping(
+            mean_eigenvalue(lambda v: h @ v, d, ctx.seed, device=h.device),
+            negative_curvature(model, ctx.train_x, ctx.train_y, ctx.seed, device=h.device),
+        ))
+        factor = damped_cholesky(h, ctx.weight_decay + self.damping_used, overwrite=True)
+        self._cached = (key, factor, self.damping_used)
         return factor
 
     def refusal(self, num_params: int) -> str | None:

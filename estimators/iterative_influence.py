@@ -3,7 +3,10 @@
 All three approximate ``s = (C + (wd + damping) I)^{-1} g_V`` with C the GGN (default, PSD) or
 the exact Hessian of the mean training cross-entropy at theta_final, evaluated on the training
 set ``ctx.train_x/train_y`` (all rows, or a fixed seeded subset of ``hvp_batch`` rows) through
-Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. As for
+Hessian/GGN-vector products (``estimators.hvp``), and score ``score(z) = g_z . s``. ``damping``
+None (the default): max(0.1 x the mean eigenvalue of C, minus the Hessian's smallest
+eigenvalue), estimated by Hutchinson probes and Arnoldi (``estimators.damping``); a number:
+that absolute value. As for
 ``ExactInfluence``: ``score(z) ~ n * [U(theta_without_z) - U(theta)]`` for the summed target loss
 U (positive = beneficial, units of target loss times n). ``wd`` is ``ctx.weight_decay`` (lam in
 ``mean loss + (lam/2)||theta||^2``); ``damping`` is the extra lambda of spec section 13.
@@ -15,9 +18,10 @@ returns (train ids (n,), target ids (m,), scores (n, m) float64).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +37,14 @@ from estimators.base import (
     PairwiseVectors,
     ScoringContext,
 )
-from estimators.hvp import MatVec, curvature_operator, power_iteration
+from estimators.damping import (
+    check_damping,
+    mean_eigenvalue,
+    negative_curvature,
+    relative_damping,
+    resolve,
+)
+from estimators.hvp import MatVec, arnoldi_eigenpairs, curvature_operator, power_iteration
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
 from workloads.inputs import Inputs, num_rows, take, to_device
@@ -44,7 +55,8 @@ _SUBSET_STREAM = 0x48
 
 @dataclass
 class _Problem:
-    """The damped curvature operator ``A = C + shift * I`` of one scoring call."""
+    """The damped curvature operator ``A = C + shift * I`` of one scoring call (``undamped``:
+    C alone)."""
 
     model: nn.Module
     x: Inputs
@@ -52,6 +64,9 @@ class _Problem:
     d: int
     shift: float
     operator: MatVec
+    undamped: MatVec
+    mean: float  # Hutchinson estimate of C's mean eigenvalue
+    digest: str  # of the model's parameters and the rows
 
 
 def conjugate_gradient(
@@ -92,6 +107,71 @@ def conjugate_gradient(
     relative = rs.sqrt() / torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
     worst = float(relative.max()) if relative.numel() else 0.0
     return solution, iterations, worst
+
+
+BLOCK_MEMORY_BYTES = 2**30
+"""Largest basis (Krylov vectors and their images, float64) ``block_conjugate_gradient`` keeps;
+beyond it the solve falls back to column-wise ``conjugate_gradient``."""
+
+
+def block_conjugate_gradient(
+    matmat: MatVec, rhs: torch.Tensor, rtol: float = 1e-6, maxiter: int = 200
+) -> tuple[torch.Tensor, int, float]:
+    """Solve ``A X = rhs`` for SPD A over one shared block Krylov space (block CG).
+
+    ``rhs`` (d, m). Step k applies A to a block of at most m new orthonormal directions: the
+    residuals of the still-unconverged columns, orthogonalized (twice) against the basis Q, with
+    directions below 1e-12 of the largest dropped (rank-revealing SVD). X is the Galerkin
+    solution ``Q (Q^T A Q)^{-1} Q^T rhs``: in exact arithmetic block CG's iterate, the A-norm
+    error minimizer over the block Krylov space, so every column profits from the directions
+    the others found and the step count is far below column-wise CG's. Column j stops when
+    ``||r_j|| <= rtol * ||rhs_j||``; the solve stops when all have, after ``maxiter`` steps, or
+    when the basis spans R^d. Returns (X (d, m), steps, largest relative residual). Raises
+    ValueError when ``Q^T A Q`` is not positive definite. Memory: the basis and its image, at
+    most ``2 * d * min(d, maxiter * m)`` floats.
+    """
+    d, m = rhs.shape
+    rhs_norm = torch.linalg.vector_norm(rhs, dim=0)
+    scale = torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+    basis = torch.empty(d, 0, dtype=rhs.dtype, device=rhs.device)
+    image = torch.empty_like(basis)
+    factor = torch.empty(0, 0, dtype=rhs.dtype, device=rhs.device)  # Cholesky of Q^T A Q
+    projected = torch.empty(0, m, dtype=rhs.dtype, device=rhs.device)  # Q^T rhs
+    solution, residual = torch.zeros_like(rhs), rhs.clone()
+    relative = torch.linalg.vector_norm(residual, dim=0) / scale
+    active = relative > rtol
+    steps = 0
+    while bool(active.any()) and steps < maxiter and basis.shape[1] < d:
+        block = residual[:, active]
+        for _ in range(2):
+            block = block - basis @ (basis.T @ block)
+        u, sing, _ = torch.linalg.svd(block, full_matrices=False)
+        keep = sing > 1e-12 * float(rhs_norm.max())
+        if not bool(keep.any()):
+            break
+        new = u[:, keep]
+        steps += 1
+        applied = matmat(new)
+        corner = new.T @ applied
+        below = torch.linalg.solve_triangular(factor, basis.T @ applied, upper=False).T
+        tail, info = torch.linalg.cholesky_ex((corner + corner.T) / 2 - below @ below.T)
+        if int(info) != 0:
+            raise ValueError(
+                "block conjugate gradient met non-positive curvature (Q^T A Q not positive "
+                "definite): the damped curvature is not positive definite; increase damping or "
+                "use curvature='ggn'"
+            )
+        zeros = torch.zeros(factor.shape[0], tail.shape[0], dtype=rhs.dtype, device=rhs.device)
+        factor = torch.cat([torch.cat([factor, zeros], 1), torch.cat([below, tail], 1)], 0)
+        basis, image = torch.cat([basis, new], 1), torch.cat([image, applied], 1)
+        projected = torch.cat([projected, new.T @ rhs], 0)
+        coefficients = torch.cholesky_solve(projected, factor)
+        solution = basis @ coefficients
+        residual = rhs - image @ coefficients
+        relative = torch.linalg.vector_norm(residual, dim=0) / scale
+        active = relative > rtol
+    worst = float(relative.max()) if relative.numel() else 0.0
+    return solution, steps, worst
 
 
 def lissa(
@@ -136,61 +216,6 @@ def lissa(
     return h / scale
 
 
-def arnoldi_eigenpairs(
-    matvec: MatVec,
-    d: int,
-    n_iter: int,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    breakdown_tol: float = 1e-10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of a symmetric operator from ``n_iter`` steps of Arnoldi (Schioppa et al. 2021).
-
-    Starts from a seeded random unit vector; every new Krylov vector is orthogonalized twice
-    against all previous ones (full re-orthogonalization). On breakdown (residual below
-    ``breakdown_tol`` times the largest ``||A q||`` seen) it restarts from a fresh random vector
-    orthogonal to the basis, so ``n_iter = d`` always spans the whole space. The Hessenberg
-    matrix Q^T A Q (n_iter, n_iter) is symmetrized and diagonalized. Returns (eigenvalues (k,),
-    descending; eigenvectors U (d, k), orthonormal columns), k = n_iter. Cost ``n_iter``
-    products, O(d n_iter^2) time and O(d n_iter) memory.
-    """
-    if not 1 <= n_iter <= d:
-        raise ValueError(f"n_iter must be in [1, d={d}], got {n_iter}")
-    gen = torch.Generator().manual_seed(seed)
-
-    def random_unit(basis: torch.Tensor) -> torch.Tensor:
-        q = torch.randn(d, generator=gen, dtype=dtype).to(device)
-        for _ in range(2):
-            q = q - basis @ (basis.T @ q)
-        return q / torch.linalg.vector_norm(q)
-
-    basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
-    hessenberg = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
-    basis[:, 0] = random_unit(basis[:, :0])
-    largest = 0.0
-    for k in range(n_iter):
-        w = matvec(basis[:, k])
-        largest = max(largest, float(torch.linalg.vector_norm(w)))
-        known = basis[:, : k + 1]
-        for _ in range(2):
-            coefficients = known.T @ w
-            hessenberg[: k + 1, k] += coefficients
-            w = w - known @ coefficients
-        if k + 1 == n_iter:
-            break
-        norm = float(torch.linalg.vector_norm(w))
-        if norm <= breakdown_tol * largest:
-            basis[:, k + 1] = random_unit(known)
-        else:
-            hessenberg[k + 1, k] = norm
-            basis[:, k + 1] = w / norm
-    symmetric = (hessenberg + hessenberg.T) / 2
-    values, vectors = torch.linalg.eigh(symmetric)
-    order = torch.argsort(values, descending=True)
-    return values[order], basis @ vectors[:, order]
-
-
 def _target_rows(
     ctx: ScoringContext, source: GradientSource, model: nn.Module
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -211,16 +236,22 @@ class _IterativeInfluence(Estimator):
 
     needs = Needs(checkpoints="final", gradients=True, model=True, full_gradients=True)
 
-    def __init__(self, curvature: Curvature, damping: float, hvp_batch: int | None) -> None:
+    def __init__(
+        self, curvature: Curvature, damping: float | None, hvp_batch: int | None
+    ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        check_damping(damping)
         if hvp_batch is not None and hvp_batch < 1:
             raise ValueError(f"hvp_batch must be >= 1 or None, got {hvp_batch}")
         self.curvature = curvature
         self.damping = damping
         self.hvp_batch = hvp_batch
+        self.damping_used: float | None = None
+        """The damping of the last call (``damping``, or the relative default), without wd."""
+        self._spectrum: dict[tuple, tuple[float, float]] = {}
+        """(mean eigenvalue, negative curvature) per (curvature, seed, model and rows): score
+        then pairwise, and every member of a model ensemble, compute them once."""
 
     def _problem(self, ctx: ScoringContext) -> _Problem:
         model = ctx.model_at(ctx.final)
@@ -232,9 +263,22 @@ class _IterativeInfluence(Estimator):
             rng = np.random.default_rng([ctx.seed, _SUBSET_STREAM])
             keep = torch.from_numpy(np.sort(rng.choice(n, self.hvp_batch, replace=False)))
             x, y = take(x, keep.to(y.device)), y[keep.to(y.device)]
-        shift = ctx.weight_decay + self.damping
-        operator = curvature_operator(model, x, y, kind=self.curvature, shift=shift)
-        return _Problem(model, x, y, parameter_count(model), shift, operator)
+        d = parameter_count(model)
+        undamped = curvature_operator(model, x, y, kind=self.curvature)
+        key = (self.curvature, ctx.seed, _digest(model, x, y))
+        if key not in self._spectrum:
+            mean = mean_eigenvalue(undamped, d, ctx.seed, device=ctx.device)
+            negative = (negative_curvature(model, x, y, ctx.seed, device=ctx.device)
+                        if self.damping is None else 0.0)
+            self._spectrum[key] = (mean, negative)
+        mean, negative = self._spectrum[key]
+        self.damping_used = resolve(self.damping, lambda: relative_damping(mean, negative))
+        shift = ctx.weight_decay + self.damping_used
+
+        def operator(v: torch.Tensor) -> torch.Tensor:
+            return undamped(v) + shift * v
+
+        return _Problem(model, x, y, d, shift, operator, undamped, mean, key[2])
 
     @abstractmethod
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
@@ -288,7 +332,7 @@ class ConjugateGradientInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         rtol: float = 1e-6,
         maxiter: int = 200,
         hvp_batch: int | None = None,
@@ -300,8 +344,13 @@ class ConjugateGradientInfluence(_IterativeInfluence):
         self.maxiter = maxiter
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
+        d = problem.d
+
         def solve(rhs: torch.Tensor) -> torch.Tensor:
-            solution, iterations, residual = conjugate_gradient(
+            block = rhs.shape[1] > 1 and 16 * d * min(d, self.maxiter * rhs.shape[1]) <= (
+                BLOCK_MEMORY_BYTES)
+            method = block_conjugate_gradient if block else conjugate_gradient
+            solution, iterations, residual = method(
                 problem.operator, rhs, self.rtol, self.maxiter
             )
             if residual > self.rtol:
@@ -335,7 +384,7 @@ class LissaInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         depth: int = 1000,
         batch: int = 128,
         repeat: int = 1,
@@ -392,16 +441,41 @@ class LissaInfluence(_IterativeInfluence):
         return solve
 
 
+DEFAULT_ITERATIONS = 300
+"""``if_arnoldi``'s default Krylov dimension (capped at d)."""
+
+CACHED_MODELS = 8
+"""Eigenspaces ``if_arnoldi`` keeps (one per model and rows, oldest dropped): ``score`` then
+``pairwise``, on each member of a model ensemble, run Arnoldi once."""
+
+
+def _digest(model: nn.Module, x: Inputs, y: torch.Tensor) -> str:
+    """sha256 of the model's parameters and state and of the curvature rows (x, y)."""
+    digest = hashlib.sha256()
+    rows = [x[k] for k in sorted(x)] if isinstance(x, Mapping) else [x]
+    for tensor in [*model.state_dict().values(), *rows, y]:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ArnoldiInfluence(_IterativeInfluence):
     """Influence function on the top eigenspace of the curvature, found by Arnoldi.
 
-    ``n_iter`` curvature products (default min(d, 100)) from a seeded (ctx.seed) random unit
+    ``n_iter`` curvature products (default min(d, 300)) from a seeded (ctx.seed) random unit
     vector with full re-orthogonalization span a Krylov space of the undamped curvature C; the
-    top ``rank`` (default 50) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept and
-    ``score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + wd + damping)``. With
-    ``n_iter = rank = d`` this is the exact damped solve; otherwise the low-curvature directions
-    are dropped (they contribute 0, not 1/(wd + damping)). ``suspicion(z) = sum_i (g_z . u_i)^2 /
-    (lambda_i + wd + damping) >= 0`` in the same subspace. ``hvp_batch``: a fixed seeded subset
+    top ``rank`` (default None: all) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept, U
+    their vectors, and with ``s = wd + damping``::
+
+        score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + s) + (P g_V) . (P g_z) / (mu + s)
+
+    with P = I - U U^T and mu = (trace(C) - sum_i lambda_i) / (d - k) (trace by the Hutchinson
+    probes of ``estimators.damping``): the exact inverse of the damped approximation
+    ``U Lambda U^T + mu P + s I``, which keeps C's trace (the directions outside the Krylov
+    space get C's mean remaining curvature, not none).
+    ``complement=False`` drops the last term (they contribute 0: the subspace-only estimate of
+    dattri and of this estimator before issue 15, which loses the low-curvature influence).
+    With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is the same
+    form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset
     of train rows for the products. Outputs (n,) float64. Cost: ``n_iter`` products, then O(d k)
     per gradient; memory O(d n_iter).
     """
@@ -411,52 +485,80 @@ class ArnoldiInfluence(_IterativeInfluence):
     def __init__(
         self,
         curvature: Curvature = "ggn",
-        damping: float = 0.01,
+        damping: float | None = None,
         n_iter: int | None = None,
-        rank: int = 50,
+        rank: int | None = None,
         hvp_batch: int | None = None,
+        complement: bool = True,
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
+        self.complement = complement
         if n_iter is not None and n_iter < 1:
             raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.n_iter = n_iter
         self.rank = rank
+        self._cached: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._rest = 0.0
+        """Mean eigenvalue of the curvature outside the kept directions, after a call."""
 
     def _eigenpairs(
         self, ctx: ScoringContext, problem: _Problem
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature."""
-        n_iter = min(problem.d, 100 if self.n_iter is None else self.n_iter)
-
-        undamped = curvature_operator(problem.model, problem.x, problem.y, kind=self.curvature)
+        """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for
+        later calls on the same model and rows (``CACHED_MODELS``)."""
+        n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
+        key = (n_iter, self.rank, self.curvature, ctx.seed, problem.digest)
+        if key in self._cached:
+            values, vectors, self._rest = self._cached[key]
+            return values, vectors
         values, vectors = arnoldi_eigenpairs(
-            undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
+            problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
         )
         keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
         if keep.numel() == 0:
             raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
-        return values[keep], vectors[:, keep]
+        values, vectors = values[keep], vectors[:, keep]
+        rest = 0.0
+        if self.complement and values.numel() < problem.d:
+            trace = problem.d * problem.mean
+            rest = max(0.0, (trace - float(values.sum())) / (problem.d - values.numel()))
+        self._rest = rest
+        if len(self._cached) >= CACHED_MODELS:
+            self._cached.pop(next(iter(self._cached)))
+        self._cached[key] = (values, vectors, rest)
+        return values, vectors
+
+    def _weights(self, values: torch.Tensor, shift: float) -> tuple[torch.Tensor, float]:
+        """(weights of the kept directions minus that of the complement (k,), weight of their
+        orthogonal complement): ``1/(lambda_i + shift)`` and ``1/(rest + shift)``
+        (``complement``; rest = the complement's mean eigenvalue) or 0."""
+        total = self._rest + shift
+        outside = 1.0 / total if self.complement and total > 0 else 0.0
+        return 1.0 / (values + shift) - outside, outside
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
         values, vectors = self._eigenpairs(ctx, problem)
-        inverse = 1.0 / (values + problem.shift)
-        return lambda rhs: vectors @ (inverse.unsqueeze(1) * (vectors.T @ rhs))
+        inside, outside = self._weights(values, problem.shift)
+        return lambda rhs: vectors @ (inside.unsqueeze(1) * (vectors.T @ rhs)) + outside * rhs
 
     def score(self, ctx: ScoringContext) -> Attribution:
-        """Scores and the subspace self-influence: both (n,) float64."""
+        """Scores and the self-influence: both (n,) float64."""
         problem = self._problem(ctx)
         values, vectors = self._eigenpairs(ctx, problem)
-        inverse = 1.0 / (values + problem.shift)
+        inside, outside = self._weights(values, problem.shift)
         source = gradient_source(ctx, self.needs)
         g_v = source.target(ctx.final.index).to(torch.float64).to(ctx.device)
         self._check(g_v, problem.d)
-        weights = (g_v @ vectors) * inverse  # (k,)
+        weights = (g_v @ vectors) * inside  # (k,)
+        g_v = g_v.to(vectors.device)
 
         def per_shard(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            projected = g.to(vectors.device) @ vectors  # (m, k)
-            return projected @ weights, (projected * projected) @ inverse
+            g = g.to(vectors.device)
+            projected = g @ vectors  # (m, k)
+            return (projected @ weights + outside * (g @ g_v),
+                    (projected * projected) @ inside + outside * (g * g).sum(dim=1))
 
         ids, (scores, self_influence) = stream(source, ctx.final.index, per_shard)
         return Attribution(sample_ids=ids, score=scores, suspicion=self_influence)

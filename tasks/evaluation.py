@@ -33,8 +33,9 @@ from workloads.inputs import call_model, take
 
 @dataclass(frozen=True)
 class Retrain:
-    """One retrain of the plan. role: full | loo | lds | pruned | random; ``label`` says which
-    sample (loo), subset (lds) or estimator@fraction (pruned/random) it belongs to."""
+    """One retrain of the plan. role: full | loo | lds | lds_fresh | pruned | random | brittle;
+    ``label`` says which sample (loo), subset (lds, lds_fresh) or estimator@fraction
+    (pruned/random) it belongs to."""
 
     role: str
     label: str
@@ -44,6 +45,19 @@ class Retrain:
 
 def _seeds(config: Config, count: int) -> list[int]:
     return [config.seed + s for s in range(count)]
+
+
+_FRESH_STREAM = 23
+"""Salt of the fresh-seed LDS retrains' seeds (``SeedSequence([seed, salt, subset, k])``)."""
+
+
+def fresh_seeds(config: Config, subset: int) -> list[int]:
+    """The ``evaluate.lds.fresh_seeds`` training seeds of LDS subset ``subset``: drawn per
+    subset, so every retrain has its own initialization and data order, none shared with the
+    attributed model (seed ``config.seed``) or with another subset (up to a 2^-31 collision)."""
+    count = config.evaluate.lds.fresh_seeds
+    return [int(np.random.SeedSequence([config.seed, _FRESH_STREAM, subset, k])
+                .generate_state(1)[0] >> 1) for k in range(count)]
 
 
 def plan_retrains(run: RunPaths, config: Config) -> list[Retrain]:
@@ -63,6 +77,7 @@ def plan_retrains(run: RunPaths, config: Config) -> list[Retrain]:
         keep = np.random.default_rng([config.seed, 13, j]).choice(train_ids, kept, replace=False)
         removed = tuple(sorted(set(train_ids.tolist()) - set(keep.tolist())))
         plan += [Retrain("lds", str(j), removed, s) for s in _seeds(config, ev.lds.seeds)]
+        plan += [Retrain("lds_fresh", str(j), removed, s) for s in fresh_seeds(config, j)]
     with open_run(run) as con:
         for q_index, q in enumerate(ev.prune_curve.fractions):
             count = max(1, int(round(q * n)))
@@ -217,6 +232,8 @@ def evaluation_stage(
 
     target_ids = _lds_targets(run, config)
     membership, margins = lds_truth(by_role["lds"], outcomes, train_ids, target_ids)
+    fresh = (lds_truth(by_role["lds_fresh"], outcomes, train_ids, target_ids)
+             if by_role["lds_fresh"] else None)
 
     accuracy = defaultdict(list)
     for r in by_role["pruned"] + by_role["random"] + by_role["full"]:
@@ -236,6 +253,9 @@ def evaluation_stage(
         if matrix is not None and len(membership) >= 3:
             row["lds"], row["lds_low"], row["lds_high"] = mean_ci(
                 lds(matrix, membership, margins))
+            if fresh is not None:
+                row["lds_fresh"], row["lds_fresh_low"], row["lds_fresh_high"] = mean_ci(
+                    lds(matrix, *fresh))
         if lookup is not None:
             truth = np.array([lookup[int(i)] for i in ids])
             for top in (0.05, 0.10, 0.20):

@@ -104,10 +104,11 @@ def supports_pairwise(estimator: Estimator) -> bool:
 @task(name="score", cache_policy=NO_CACHE)
 def score_one(
     run: RunPaths, config: Config, records: list[CheckpointRecord], name: str
-) -> tuple[Attribution, float, float]:
+) -> tuple[Attribution, float, float, float | None]:
     """Run estimator ``name`` and write its scores (and, when asked and supported, its
     train x test attributions); returns (attribution, seconds and peak MiB above the start,
-    both for the summed target)."""
+    both for the summed target, and the seconds of the train x test attributions, None when
+    not written)."""
     torch.set_num_threads(1)
     estimator = scored_estimator(config, name)  # averaged over train.models when > 1
     started = time.perf_counter()
@@ -125,13 +126,17 @@ def score_one(
         schema=SCORE_SCHEMA,
     )
     write_parquet_atomic(table, run.scores_dir(name, target_name(config)) / "part-0.parquet")
+    pairwise_seconds = None
     if config.targets.pairwise and supports_pairwise(estimator):
+        started = time.perf_counter()
         ctx = scoring_context(run, config, records, pairwise=True)
         parts = write_pairwise(run.attributions_dir(name), estimator, ctx)
+        pairwise_seconds = time.perf_counter() - started
         how = "streamed block by block" if estimator.streams_pairwise() else "whole matrix"
-        get_run_logger().info("score: %s train x test attributions written, %d part(s) (%s)",
-                              name, parts, how)
-    return attribution, seconds, memory.delta_mb
+        get_run_logger().info(
+            "score: %s train x test attributions written, %d part(s) (%s) in %.2f s",
+            name, parts, how, pairwise_seconds)
+    return attribution, seconds, memory.delta_mb, pairwise_seconds
 
 
 @task(name="scores", cache_policy=NO_CACHE)
@@ -149,15 +154,19 @@ def score_stage(
         attributions = {}
         scored = StageProgress("score", len(config.estimators), "estimators", log)
         for spec in config.estimators:
-            attribution, seconds, peak_mb = score_one(run, config, records, spec.name)
+            attribution, seconds, peak_mb, pairwise = score_one(run, config, records,
+                                                                spec.name)
             attributions[spec.name] = attribution
             row = {"seconds": seconds, "peak_mb": peak_mb}
             rec.metric("seconds", seconds, estimator=spec.name)
             rec.metric("peak_mb", peak_mb, estimator=spec.name)
+            if pairwise is not None:
+                row["pairwise_seconds"] = pairwise
+                rec.metric("pairwise_seconds", pairwise, estimator=spec.name)
             if corrupted is not None and corrupted.any():
                 row |= _detection(attribution, corrupted, work.samples.sample_id)
                 for key, value in row.items():
-                    if key not in ("seconds", "peak_mb"):
+                    if key not in ("seconds", "peak_mb", "pairwise_seconds"):
                         rec.metric(key, value, estimator=spec.name)
             summary[spec.name] = row
             scored.advance(note=f"{spec.name} in {seconds:.2f} s")

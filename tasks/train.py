@@ -36,6 +36,7 @@ from workloads.sanity import SanitySpec, load_sanity
 from workloads.synthetic import SyntheticSpec, load_synthetic
 from workloads.task import attributed_names, training_loss
 from workloads.training import CheckpointEvent, accuracy, train
+from workloads.tweets import load_tweets
 
 
 def load_samples(config: Config) -> Samples:
@@ -48,6 +49,9 @@ def load_samples(config: Config) -> Samples:
         samples = load_mnist5k(fractions, config.seed)
     elif d.name == "german_credit":
         samples = load_german_credit(fractions, config.seed)
+    elif d.name == "tweets":
+        samples = load_tweets(d.tweets.n, d.text.tokenizer, d.text.max_length, fractions,
+                              config.seed)
     elif d.name == "synthetic":
         spec = SyntheticSpec(d.synthetic.n, d.synthetic.input_dim, d.synthetic.classes,
                              config.seed)

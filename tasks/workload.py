@@ -52,6 +52,7 @@ def factory_for(config: Config, samples: Samples) -> ModelFactory:
         config.model.name, config.model.factory, input_dim=int(np.prod(first.shape[1:])),
         input_shape=samples.input_shape, num_classes=samples.num_classes,
         hidden=config.model.hidden, input_shapes=samples.row_shapes(),
+        trainable_layers=config.model.trainable_layers,
     )
 
 

@@ -11,7 +11,7 @@ store alone.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,9 @@ class Samples:
     """n samples. inputs: input column name -> (n, *shape) array (float32 features or images,
     int64 token ids/masks; ``workloads.inputs``); label, clean_label: (n,) int64; split: (n,)
     str; corrupted: (n,) bool or None; group: (n,) int64 or None; input_shape: the shape one
-    sample of the first input column is shown in (e.g. (1, 8, 8) for the flat digits rows)."""
+    sample of the first input column is shown in (e.g. (1, 8, 8) for the flat digits rows);
+    annotations: column name -> (n,) numbers or strings kept in the samples table for analysis,
+    never fed to the model (e.g. a tweet's annotator confidence and text)."""
 
     sample_id: np.ndarray
     inputs: dict[str, np.ndarray]
@@ -41,6 +43,7 @@ class Samples:
     clean_label: np.ndarray | None = None
     corrupted: np.ndarray | None = None
     group: np.ndarray | None = None
+    annotations: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def x(self) -> np.ndarray:
@@ -274,9 +277,10 @@ def _padded_tokens(values: pa.Array, lengths: np.ndarray, name: str, path: Path)
 
 
 def samples_table(samples: Samples) -> pa.Table:
-    """The store's samples.parquet: sample_id, split, label, clean_label, corrupted, group, and
-    one flat list column per input (list<float32> or list<int64>, named as the input); the
-    schema metadata holds num_classes, input_shape and ``inputs`` (JSON name -> row shape)."""
+    """The store's samples.parquet: sample_id, split, label, clean_label, corrupted, group, one
+    flat list column per input (list<float32> or list<int64>, named as the input) and one column
+    per annotation; the schema metadata holds num_classes, input_shape, ``inputs`` (JSON name ->
+    row shape) and ``annotations`` (JSON list of names)."""
     n = len(samples.label)
 
     def nullable(values, typ):
@@ -290,9 +294,11 @@ def samples_table(samples: Samples) -> pa.Table:
         "corrupted": nullable(samples.corrupted, pa.bool_()),
         "group": nullable(samples.group, pa.int64()),
     }
-    clash = sorted(set(samples.inputs) & set(columns))
-    if clash:
+    clash = sorted((set(samples.inputs) | set(samples.annotations)) & set(columns))
+    if clash or set(samples.inputs) & set(samples.annotations):
         raise BadInput(f"input columns {clash} clash with the store's own columns; rename them")
+    for name, values in samples.annotations.items():
+        columns[name] = pa.array(values)
     for name, col in samples.inputs.items():
         typ = pa.int64() if np.issubdtype(col.dtype, np.integer) else pa.float32()
         width = int(np.prod(col.shape[1:]))
@@ -301,7 +307,8 @@ def samples_table(samples: Samples) -> pa.Table:
     shapes = {name: list(col.shape[1:]) for name, col in samples.inputs.items()}
     meta = {b"num_classes": str(samples.num_classes).encode(),
             b"input_shape": ",".join(map(str, samples.input_shape)).encode(),
-            b"inputs": json.dumps(shapes).encode()}
+            b"inputs": json.dumps(shapes).encode(),
+            b"annotations": json.dumps(list(samples.annotations)).encode()}
     return pa.table(columns).replace_schema_metadata(meta)
 
 
@@ -330,4 +337,6 @@ def read_samples(path: Path) -> Samples:
         clean_label=optional("clean_label", np.int64),
         corrupted=optional("corrupted", bool),
         group=optional("group", np.int64),
+        annotations={name: table[name].to_numpy(zero_copy_only=False)
+                     for name in json.loads(meta.get(b"annotations", b"[]"))},
     )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from storage.errors import BadInput
+from workloads.transformer import text_classifier
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -65,7 +66,8 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int, channels: int = 8,
     )
 
 
-BUILTIN = ("logreg", "mlp", "cnn")
+BUILTIN = ("logreg", "mlp", "cnn", "minilm")
+TOKEN_INPUTS = ("input_ids", "attention_mask")
 
 
 def model_factory(
@@ -77,6 +79,7 @@ def model_factory(
     num_classes: int,
     hidden: int,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    trainable_layers: int = 1,
 ) -> ModelFactory:
     """A zero-argument callable building a fresh model: a built-in by ``name`` or a user's
     ``"package.module:function"`` (called with whichever of input_dim, input_shape,
@@ -86,6 +89,11 @@ def model_factory(
     shapes = input_shapes or {"features": (input_dim,)}
     if factory:
         return _user_factory(factory, input_dim, input_shape, num_classes, shapes)
+    if name == "minilm":
+        if set(shapes) != set(TOKEN_INPUTS):
+            raise BadInput(f"model minilm takes token inputs {TOKEN_INPUTS}; the data has "
+                           f"{list(shapes)} (data.name tweets, or a Parquet with those columns)")
+        return lambda: text_classifier(num_classes, None, trainable_layers)
     if len(shapes) != 1:
         raise BadInput(f"model {name!r} takes one input column; the data has {list(shapes)}: "
                        "give model.factory")

@@ -99,7 +99,8 @@ def world(tmp_path_factory) -> Iterator[dict[str, str]]:
     (store.runs_dir / "broken-run" / "config.yaml").write_text("seed: [unclosed\n")
 
     names = {p.name: str(p) for p in files.iterdir()}
-    names |= {n: str(files / n) for n in ("missing.yaml", "missing.parquet", "missing.pt")}
+    names |= {n: str(files / n) for n in ("missing.yaml", "missing.parquet", "missing.pt",
+                                                 "missing-tokenizer")}
     yield names | {"store": str(store.root), "run": run.run_id, "damaged-run": "damaged-run",
                    "broken-run": "broken-run"}
     sys.path.remove(str(files))

@@ -117,7 +117,7 @@ def _reference(name: str, estimator, run: RunPaths, ctx: ScoringContext) -> np.n
                    for c in ctx.checkpoints).numpy()
     if name == "if_exact":
         h = curvature_matrix(ctx.model_at(ctx.final), ctx.train_x, ctx.train_y, kind="ggn")
-        h = (h + h.T) / 2 + (WEIGHT_DECAY + estimator.damping) * torch.eye(h.shape[0],
+        h = (h + h.T) / 2 + (WEIGHT_DECAY + estimator.damping_used) * torch.eye(h.shape[0],
                                                                            dtype=h.dtype)
         return (g @ torch.linalg.solve(h, t.T)).numpy()
     if name == "datainf":
