@@ -27,11 +27,11 @@ from prefect.types.entrypoint import EntrypointType
 from pydantic import Field
 
 from estimators.registry import ESTIMATORS
-from flows import report
 from flows.evaluate import evaluate
 from flows.multistage import multistage
 from flows.pipeline import pipeline
 from flows.runner import with_runner
+from presentation import report
 from storage.errors import BadInput
 from storage.store import Store
 from tasks.config import Config, load_config, validate
