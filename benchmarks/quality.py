@@ -22,6 +22,9 @@ peer's seconds over those of Sieve's estimator of the same family and, for a fam
 stored gradients, over those plus the whole gradients stage (an upper bound on Sieve's
 end-to-end cost: that stage also computes the test-target gradients and every checkpoint's).
 
+Workloads: digits-logreg, digits-mlp (the default MLP) and, only when named,
+digits-relu-mlp (issue 15's external 64-128-10 ReLU MLP, ``benchmarks/external_mlp.py``).
+
 ``--ensemble K`` adds rows ``sieve <name> ×K``: a second ``sieve evaluate`` of the same workload
 with ``train.models=K`` (every estimator that reads a model averages its scores over K
 independently trained models, ``estimators/model_ensemble.py``), judged on the same retrains
@@ -44,12 +47,16 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.external_mlp import OVERRIDES as EXTERNAL_MLP
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = "benchmark-store"
 WORKLOADS: dict[str, list[str]] = {
     "digits-logreg": ["model.name=logreg"],
     "digits-mlp": [],  # the default MLP
+    "digits-relu-mlp": EXTERNAL_MLP,  # issue 15's external workload (not run by default)
 }
+DEFAULT_WORKLOADS = "digits-logreg,digits-mlp"
 # Everything else is `sieve evaluate`'s default protocol (LOO 50 x 3 seeds, LDS 64 subsets x
 # 2 seeds over 100 test targets); only the 10 % point of the prune curve is reported.
 FULL = ["evaluate.prune_curve.fractions=[0.1]"]
@@ -77,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default=None,
                    help=f"'all', 'none' or a comma list (default: all; --quick: {QUICK_PEERS})")
     p.add_argument("--workloads", default=None,
-                   help=f"comma list of {', '.join(WORKLOADS)} (default: both; --quick: "
-                        f"{QUICK_WORKLOADS})")
+                   help=f"comma list of {', '.join(WORKLOADS)} (default: {DEFAULT_WORKLOADS}; "
+                        f"--quick: {QUICK_WORKLOADS})")
     p.add_argument("--peer-timeout", type=float, default=None,
                    help="seconds per peer before it is stopped (default 300; --quick 60)")
     p.add_argument("--peer-memory-gb", type=float, default=16.0,
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.quality_peers import peer_names
 
     workloads = [w.strip() for w in (args.workloads or (QUICK_WORKLOADS if args.quick
-                                                        else ",".join(WORKLOADS))).split(",")]
+                                                        else DEFAULT_WORKLOADS)).split(",")]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         print(f"error: unknown workload(s) {unknown}; known: {list(WORKLOADS)}", file=sys.stderr)
