@@ -24,7 +24,8 @@ one refit per subset is the exact ground truth.
   attributions = ``estimator.pairwise`` against those targets with the per-row cost
   ``tasks.utility.measurement`` (``--measurement``: task.measurement, default ``margin``), as
   ``tasks.score.scoring_context(..., pairwise=True)`` builds it; ``estimators.counterfactual.lds``
-  and ``mean_ci`` (95 % Student-t CI over targets).
+  and ``mean_ci`` (95 % Student-t CI over targets). For a linear softmax model a row's loss
+  gradient is (1 - p_y) times its margin gradient, so both measurements give the same LDS.
 
 Each estimator (``estimators.registry.make_estimator``) runs at its default damping (relative to
 the curvature, ``estimators.damping``; the value it used is shown) and at each fixed
