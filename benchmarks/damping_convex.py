@@ -49,7 +49,7 @@ from torch import nn
 
 from estimators import Checkpoint, InMemoryGradients, ScoringContext
 from estimators.counterfactual import lds, loo_correlation, mean_ci
-from estimators.registry import make_estimator
+from estimators.registry import ESTIMATORS, estimator_options, make_estimator
 from estimators.targets import SummedLoss
 from estimators.trak import margins
 from tasks.config import Config
@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.removals < 3 or args.subsets < 3 or args.targets < 1 or not 0 <= args.noise < 1:
         p.error("need --removals >= 3, --subsets >= 3, --targets >= 1 and 0 <= --noise < 1")
     names = [name.strip() for name in args.estimators.split(",")]
+    damped = [name for name in ESTIMATORS if "damping" in estimator_options(name)]
+    if not set(names) <= set(damped):
+        p.error(f"--estimators takes estimators with a damping option: {', '.join(damped)}")
     config = Config.model_validate({
         "seed": SEED, "estimators": names, "prune": {"by": names[:1]},
         "task": {"measurement": args.measurement},
