@@ -88,6 +88,32 @@ def flat_gradient(
     return grad(flat_loss(model, x, y))(theta).detach()
 
 
+def signed_gradient_sums(
+    model: nn.Module, x: Inputs, y: torch.Tensor, signs: torch.Tensor, chunk_size: int = 2048
+) -> torch.Tensor:
+    """``(1/n) sum_i signs[i, j] grad loss_i``: (d, m) for signs (n, m), in signs' dtype.
+
+    Sums of the rows' cross-entropy gradients with the given weights (e.g. random signs: a
+    vector shaped like the gradients an influence solve is applied to, which the mean
+    gradient, about 0 at a minimum, is not). Cost m forward + backward passes over the rows,
+    ``chunk_size`` rows at a time.
+    """
+    n = num_rows(x)
+    theta = flat_parameters(model).to(signs.dtype)
+    total = torch.zeros(theta.shape[0], signs.shape[1], dtype=signs.dtype, device=theta.device)
+    for start in range(0, n, chunk_size):
+        rows, labels = take(x, slice(start, start + chunk_size)), y[start : start + chunk_size]
+        logits = _logits_fn(model, rows)
+
+        def weighted(flat: torch.Tensor, w: torch.Tensor, logits=logits, labels=labels
+                     ) -> torch.Tensor:
+            return (F.cross_entropy(logits(flat), labels, reduction="none") * w).sum() / n
+
+        for j in range(signs.shape[1]):
+            total[:, j] += grad(weighted)(theta, signs[start : start + chunk_size, j]).detach()
+    return total
+
+
 def hvp(
     model: nn.Module, x: Inputs, y: torch.Tensor, v: torch.Tensor, weight_decay: float = 0.0
 ) -> torch.Tensor:
@@ -239,48 +265,86 @@ def arnoldi_eigenpairs(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     breakdown_tol: float = 1e-10,
+    block: int = 1,
+    stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+    check_every: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of a symmetric operator from ``n_iter`` steps of Arnoldi (Schioppa et al. 2021).
+    """Eigenpairs of a symmetric operator from (block) Arnoldi (Schioppa et al. 2021).
 
-    Starts from a seeded random unit vector; every new Krylov vector is orthogonalized twice
-    against all previous ones (full re-orthogonalization). On breakdown (residual below
-    ``breakdown_tol`` times the largest ``||A q||`` seen) it restarts from a fresh random vector
-    orthogonal to the basis, so ``n_iter = d`` always spans the whole space. The Hessenberg
-    matrix Q^T A Q (n_iter, n_iter) is symmetrized and diagonalized. Returns (eigenvalues (k,),
-    descending; eigenvectors U (d, k), orthonormal columns), k = n_iter. Cost ``n_iter``
-    products, O(d n_iter^2) time and O(d n_iter) memory.
+    Builds an orthonormal Krylov basis Q of up to ``n_iter`` vectors from a seeded random
+    (d, ``block``) start, applying ``matvec`` to ``block`` columns at a time ((d, b) -> (d, b);
+    block 1 passes vectors (d,)); every new block is orthogonalized twice against all previous
+    vectors (full re-orthogonalization). Where a new direction vanishes (norm below
+    ``breakdown_tol`` times the largest ``||A q||`` seen) a fresh random vector orthogonal to
+    the basis takes its place, so ``n_iter = d`` always spans the whole space. Q^T A Q over the
+    vectors whose products are known is symmetrized and diagonalized.
+
+    ``stop(values, vectors)``, when given, is called with the current Ritz pairs every
+    ``check_every`` products and after the last; True ends the iteration there. Returns
+    (eigenvalues (k,), descending; eigenvectors U (d, k), orthonormal columns), k the number of
+    products (``n_iter`` unless stopped). Cost k products, O(d k^2) time, O(d n_iter) memory.
     """
     if not 1 <= n_iter <= d:
         raise ValueError(f"n_iter must be in [1, d={d}], got {n_iter}")
+    if block < 1 or check_every < 1:
+        raise ValueError(f"block and check_every must be >= 1, got {block}, {check_every}")
     gen = torch.Generator().manual_seed(seed)
-
-    def random_unit(basis: torch.Tensor) -> torch.Tensor:
-        q = torch.randn(d, generator=gen, dtype=dtype).to(device)
-        for _ in range(2):
-            q = q - basis @ (basis.T @ q)
-        return q / torch.linalg.vector_norm(q)
-
     basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
-    hessenberg = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
-    basis[:, 0] = random_unit(basis[:, :0])
-    largest = 0.0
-    for k in range(n_iter):
-        w = matvec(basis[:, k])
-        largest = max(largest, float(torch.linalg.vector_norm(w)))
-        known = basis[:, : k + 1]
+    projected = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
+
+    def orthonormal(candidates: torch.Tensor, filled: int, scale: float) -> torch.Tensor:
+        """Columns orthonormal to basis[:, :filled] and each other, spanning the candidates
+        (already orthogonal to the basis); vanished ones replaced by random directions."""
+        known = basis[:, :filled]
+
+        def outside(q: torch.Tensor, accepted: list[torch.Tensor]) -> torch.Tensor:
+            for _ in range(2):
+                q = q - known @ (known.T @ q)
+                for a in accepted:
+                    q = q - a * (a @ q)
+            return q
+
+        fast, triangle = torch.linalg.qr(candidates)  # candidates are already outside the basis
+        if bool((triangle.diagonal().abs() > breakdown_tol * scale).all()):
+            return fast
+        out: list[torch.Tensor] = []
+        for j in range(candidates.shape[1]):
+            q, size = outside(candidates[:, j], out), scale
+            while float(torch.linalg.vector_norm(q)) <= breakdown_tol * size:
+                q, size = outside(torch.randn(d, generator=gen, dtype=dtype).to(device), out), 1.0
+            out.append(q / torch.linalg.vector_norm(q))
+        return torch.stack(out, dim=1)
+
+    width = min(block, n_iter)
+    basis[:, :width] = orthonormal(torch.randn(d, width, generator=gen, dtype=dtype).to(device),
+                                   0, 0.0)
+    filled, done, largest, checked = width, 0, 0.0, 0
+
+    def ritz(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        symmetric = (projected[:k, :k] + projected[:k, :k].T) / 2
+        values, vectors = torch.linalg.eigh(symmetric)
+        order = torch.argsort(values, descending=True)
+        return values[order], basis[:, :k] @ vectors[:, order]
+
+    while done < n_iter:
+        cols = slice(done, filled)
+        current = basis[:, cols]
+        w = matvec(current[:, 0]).unsqueeze(1) if block == 1 else matvec(current)
+        largest = max(largest, float(torch.linalg.vector_norm(w, dim=0).max()))
         for _ in range(2):
-            coefficients = known.T @ w
-            hessenberg[: k + 1, k] += coefficients
-            w = w - known @ coefficients
-        if k + 1 == n_iter:
-            break
-        norm = float(torch.linalg.vector_norm(w))
-        if norm <= breakdown_tol * largest:
-            basis[:, k + 1] = random_unit(known)
-        else:
-            hessenberg[k + 1, k] = norm
-            basis[:, k + 1] = w / norm
-    symmetric = (hessenberg + hessenberg.T) / 2
-    values, vectors = torch.linalg.eigh(symmetric)
-    order = torch.argsort(values, descending=True)
-    return values[order], basis @ vectors[:, order]
+            coefficients = basis[:, :filled].T @ w
+            projected[:filled, cols] += coefficients
+            w = w - basis[:, :filled] @ coefficients
+        done = filled
+        room = min(block, n_iter - filled)
+        if room > 0:
+            new = orthonormal(w[:, :room], filled, largest)
+            basis[:, filled : filled + room] = new
+            projected[filled : filled + room, cols] = new.T @ w
+            filled += room
+        if stop is not None and (done - checked >= check_every or done == n_iter):
+            checked = done
+            values, vectors = ritz(done)
+            if stop(values, vectors):
+                return values, vectors
+    return ritz(done)

@@ -38,13 +38,20 @@ from estimators.base import (
     ScoringContext,
 )
 from estimators.damping import (
+    PROBES,
     check_damping,
     mean_eigenvalue,
     negative_curvature,
     relative_damping,
     resolve,
 )
-from estimators.hvp import MatVec, arnoldi_eigenpairs, curvature_operator, power_iteration
+from estimators.hvp import (
+    MatVec,
+    arnoldi_eigenpairs,
+    curvature_operator,
+    power_iteration,
+    signed_gradient_sums,
+)
 from estimators.influence import CURVATURES, Curvature
 from estimators.per_sample import parameter_count, per_sample_gradients
 from workloads.inputs import Inputs, num_rows, take, to_device
@@ -441,8 +448,17 @@ class LissaInfluence(_IterativeInfluence):
         return solve
 
 
-DEFAULT_ITERATIONS = 300
-"""``if_arnoldi``'s default Krylov dimension (capped at d)."""
+MAX_ITERATIONS = 1000
+"""``if_arnoldi``'s largest Krylov dimension when ``n_iter`` is None (capped at d)."""
+
+BLOCK = 16
+"""Curvature products ``if_arnoldi`` computes at once (one batched call per block)."""
+
+CHECK_EVERY = 64
+"""Krylov dimensions between two convergence checks of the adaptive ``if_arnoldi``."""
+
+STOP_PROBES = 4
+"""Signed gradient sums whose solves decide when the adaptive ``if_arnoldi`` stops."""
 
 CACHED_MODELS = 8
 """Eigenspaces ``if_arnoldi`` keeps (one per model and rows, oldest dropped): ``score`` then
@@ -458,26 +474,38 @@ def _digest(model: nn.Module, x: Inputs, y: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _rademacher(rows: int, columns: int, seed: int, stream: int) -> torch.Tensor:
+    """A (rows, columns) float64 matrix of seeded random signs (CPU)."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream])
+                                            .generate_state(1)[0]))
+    return torch.randint(0, 2, (rows, columns), generator=gen).to(torch.float64) * 2 - 1
+
+
 class ArnoldiInfluence(_IterativeInfluence):
     """Influence function on the top eigenspace of the curvature, found by Arnoldi.
 
-    ``n_iter`` curvature products (default min(d, 300)) from a seeded (ctx.seed) random unit
-    vector with full re-orthogonalization span a Krylov space of the undamped curvature C; the
-    top ``rank`` (default None: all) Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept, U
-    their vectors, and with ``s = wd + damping``::
+    Block Arnoldi (``estimators.hvp.arnoldi_eigenpairs``, ``BLOCK`` products at a time, seeded
+    by ctx.seed, full re-orthogonalization) spans a Krylov space of the undamped curvature C;
+    its Ritz pairs (lambda_i, u_i) with lambda_i > 0 are kept (the top ``rank``, default all),
+    U their vectors, and with ``s = wd + damping``::
 
         score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + s) + (P g_V) . (P g_z) / (mu + s)
 
-    with P = I - U U^T and mu = (trace(C) - sum_i lambda_i) / (d - k) (trace by the Hutchinson
-    probes of ``estimators.damping``): the exact inverse of the damped approximation
-    ``U Lambda U^T + mu P + s I``, which keeps C's trace (the directions outside the Krylov
-    space get C's mean remaining curvature, not none).
-    ``complement=False`` drops the last term (they contribute 0: the subspace-only estimate of
-    dattri and of this estimator before issue 15, which loses the low-curvature influence).
-    With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is the same
-    form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset
-    of train rows for the products. Outputs (n,) float64. Cost: ``n_iter`` products, then O(d k)
-    per gradient; memory O(d n_iter).
+    with P = I - U U^T and mu = trace(P C P) / (d - k), the mean curvature left outside the
+    kept directions, by Hutchinson probes (those of ``estimators.damping``, projected): the
+    exact inverse of the damped approximation ``U Lambda U^T + mu P + s I``.
+    ``complement=False`` drops the last term (the subspace-only estimate of dattri).
+
+    Krylov dimension: ``n_iter`` products when given; by default (None) Arnoldi runs until the
+    approximate inverse solves ``(C + s I) x = b`` to relative residual ``rtol`` for
+    ``STOP_PROBES`` right-hand sides b shaped like the gradients it is applied to (random-sign
+    sums of the training rows' gradients, ``estimators.hvp.signed_gradient_sums``), checked
+    every ``CHECK_EVERY`` products, up to min(d, ``MAX_ITERATIONS``) (a RuntimeWarning reports
+    a miss). With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is
+    the same form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset of train rows for
+    the products. Outputs (n,) float64. Cost: k products (k the dimension reached) plus
+    ``STOP_PROBES`` gradient passes and one product of ``STOP_PROBES`` columns per check, then
+    O(d k) per gradient; memory O(d min(d, MAX_ITERATIONS)) float64 by default.
     """
 
     name = "if_arnoldi"
@@ -490,6 +518,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         rank: int | None = None,
         hvp_batch: int | None = None,
         complement: bool = True,
+        rtol: float = 1e-2,
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
         self.complement = complement
@@ -497,57 +526,106 @@ class ArnoldiInfluence(_IterativeInfluence):
             raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
+        if not rtol > 0:
+            raise ValueError(f"rtol must be > 0, got {rtol}")
         self.n_iter = n_iter
         self.rank = rank
+        self.rtol = rtol
         self._cached: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._rest = 0.0
         """Mean eigenvalue of the curvature outside the kept directions, after a call."""
+        self.krylov_dimension = 0
+        """Products the last Arnoldi run took."""
+
+    def _kept(self, values: torch.Tensor, vectors: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
+        return values[keep], vectors[:, keep]
 
     def _eigenpairs(
         self, ctx: ScoringContext, problem: _Problem
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept eigenvalues (k,) and eigenvectors (d, k) of the undamped curvature; kept for
         later calls on the same model and rows (``CACHED_MODELS``)."""
-        n_iter = min(problem.d, DEFAULT_ITERATIONS if self.n_iter is None else self.n_iter)
-        key = (n_iter, self.rank, self.curvature, ctx.seed, problem.digest)
+        adaptive = self.n_iter is None
+        n_iter = min(problem.d, MAX_ITERATIONS if adaptive else self.n_iter)
+        key = (n_iter, self.rank, self.rtol if adaptive else None, self.curvature, ctx.seed,
+               problem.shift, problem.digest)
         if key in self._cached:
             values, vectors, self._rest = self._cached[key]
             return values, vectors
+        signs = _rademacher(problem.d, PROBES, ctx.seed, 0).to(ctx.device)
+        curved = problem.undamped(signs)
+
+        def complement_mean(values: torch.Tensor, vectors: torch.Tensor) -> float:
+            """trace(P C P) / (d - k) from the probes (0 when the kept directions span R^d)."""
+            k = vectors.shape[1]
+            if not self.complement or k >= problem.d:
+                return 0.0
+            inside = vectors.T @ signs
+            quadratic = ((signs * curved).sum() - 2 * (inside * (vectors.T @ curved)).sum()
+                         + (inside * (values.unsqueeze(1) * inside)).sum())
+            return max(0.0, float(quadratic) / (PROBES * (problem.d - k)))
+
+        residual = [float("nan")]
+        stop = None
+        if adaptive:
+            rhs = signed_gradient_sums(
+                problem.model, problem.x, problem.y,
+                _rademacher(problem.y.shape[0], STOP_PROBES, ctx.seed, 1).to(ctx.device))
+
+            def stop(values: torch.Tensor, vectors: torch.Tensor) -> bool:
+                values, vectors = self._kept(values, vectors)
+                solved = self._apply(values, vectors, complement_mean(values, vectors),
+                                     problem.shift, rhs)
+                error = torch.linalg.vector_norm(problem.operator(solved) - rhs, dim=0)
+                residual[0] = float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
+                return residual[0] <= self.rtol
+
         values, vectors = arnoldi_eigenpairs(
-            problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device
+            problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device,
+            block=BLOCK, stop=stop, check_every=CHECK_EVERY,
         )
-        keep = torch.nonzero(values > 0).squeeze(1)[: self.rank]
-        if keep.numel() == 0:
+        self.krylov_dimension = values.numel()
+        if adaptive and not residual[0] <= self.rtol:
+            warnings.warn(
+                f"if_arnoldi stopped at Krylov dimension {values.numel()} with relative "
+                f"residual {residual[0]:.2e} > rtol={self.rtol:.0e}; raise n_iter or damping",
+                RuntimeWarning, stacklevel=3)
+        values, vectors = self._kept(values, vectors)
+        if values.numel() == 0:
             raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
-        values, vectors = values[keep], vectors[:, keep]
-        rest = 0.0
-        if self.complement and values.numel() < problem.d:
-            trace = problem.d * problem.mean
-            rest = max(0.0, (trace - float(values.sum())) / (problem.d - values.numel()))
-        self._rest = rest
+        self._rest = complement_mean(values, vectors)
         if len(self._cached) >= CACHED_MODELS:
             self._cached.pop(next(iter(self._cached)))
-        self._cached[key] = (values, vectors, rest)
+        self._cached[key] = (values, vectors, self._rest)
         return values, vectors
 
-    def _weights(self, values: torch.Tensor, shift: float) -> tuple[torch.Tensor, float]:
+    def _apply(self, values: torch.Tensor, vectors: torch.Tensor, rest: float, shift: float,
+               rhs: torch.Tensor) -> torch.Tensor:
+        """The approximate inverse on rhs (d, m): ``U (Lambda + s)^-1 U^T + P / (rest + s)``."""
+        inside, outside = self._weights(values, shift, rest)
+        return vectors @ (inside.unsqueeze(1) * (vectors.T @ rhs)) + outside * rhs
+
+    def _weights(self, values: torch.Tensor, shift: float, rest: float
+                 ) -> tuple[torch.Tensor, float]:
         """(weights of the kept directions minus that of the complement (k,), weight of their
         orthogonal complement): ``1/(lambda_i + shift)`` and ``1/(rest + shift)``
         (``complement``; rest = the complement's mean eigenvalue) or 0."""
-        total = self._rest + shift
+        total = rest + shift
         outside = 1.0 / total if self.complement and total > 0 else 0.0
         return 1.0 / (values + shift) - outside, outside
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
         values, vectors = self._eigenpairs(ctx, problem)
-        inside, outside = self._weights(values, problem.shift)
-        return lambda rhs: vectors @ (inside.unsqueeze(1) * (vectors.T @ rhs)) + outside * rhs
+        rest = self._rest
+        return lambda rhs: self._apply(values, vectors, rest, problem.shift, rhs)
 
     def score(self, ctx: ScoringContext) -> Attribution:
         """Scores and the self-influence: both (n,) float64."""
         problem = self._problem(ctx)
         values, vectors = self._eigenpairs(ctx, problem)
-        inside, outside = self._weights(values, problem.shift)
+        inside, outside = self._weights(values, problem.shift, self._rest)
         source = gradient_source(ctx, self.needs)
         g_v = source.target(ctx.final.index).to(torch.float64).to(ctx.device)
         self._check(g_v, problem.d)

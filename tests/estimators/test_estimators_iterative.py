@@ -169,6 +169,50 @@ def test_arnoldi_restarts_on_repeated_eigenvalues() -> None:
     assert torch.allclose(vectors.T @ vectors, torch.eye(8, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("block", [3, 8])
+def test_block_arnoldi_recovers_the_spectrum_through_breakdowns(block: int) -> None:
+    """Blocks of products, repeated eigenvalues and a null space: n_iter = d is still exact."""
+    gen = torch.Generator().manual_seed(2)
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=gen))
+    spectrum = torch.tensor([4.0, 4.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.1, 0, 0, 0, 0],
+                            dtype=torch.float64)
+    matrix = rotation @ torch.diag(spectrum) @ rotation.T
+    values, vectors = arnoldi_eigenpairs(lambda v: matrix @ v, 12, 12, seed=3, block=block)
+    assert torch.allclose(values, spectrum, atol=1e-10)
+    assert torch.allclose(vectors.T @ vectors, torch.eye(12, dtype=torch.float64), atol=1e-10)
+
+
+def test_arnoldi_stops_when_asked() -> None:
+    """``stop`` sees the Ritz pairs every ``check_every`` products; True ends the iteration."""
+    matrix = torch.diag(torch.logspace(0, -4, 40, dtype=torch.float64))
+    seen: list[int] = []
+
+    def stop(values: torch.Tensor, vectors: torch.Tensor) -> bool:
+        seen.append(vectors.shape[1])
+        return vectors.shape[1] >= 20
+
+    values, vectors = arnoldi_eigenpairs(lambda v: matrix @ v, 40, 40, block=4, stop=stop,
+                                         check_every=8)
+    assert seen == [8, 16, 24] and values.shape == (24,) and vectors.shape == (40, 24)
+
+
+def test_default_arnoldi_converges_to_the_exact_solve(lbfgs_mlp, capsys) -> None:
+    """No n_iter: Arnoldi grows its Krylov space until the solve reaches rtol, so a tight rtol
+    matches the exact damped solve and a loose one stops at a smaller dimension (d=307)."""
+    exact = ExactInfluence().score(lbfgs_mlp).score
+    dimensions = {}
+    for rtol in (1e-6, 0.5):
+        estimator = ArnoldiInfluence(rtol=rtol)
+        pearson = pearsonr(estimator.score(lbfgs_mlp).score, exact)[0]
+        dimensions[rtol] = estimator.krylov_dimension
+        with capsys.disabled():
+            print(f"\n[if_arnoldi rtol={rtol}] Krylov dimension {estimator.krylov_dimension} "
+                  f"of d=307, Pearson with exact {pearson:.8f}")
+        if rtol == 1e-6:
+            assert pearson > 0.9999
+    assert dimensions[0.5] < dimensions[1e-6]
+
+
 def test_block_conjugate_gradient_solves_every_column_in_fewer_products() -> None:
     gen = torch.Generator().manual_seed(1)
     rotation, _ = torch.linalg.qr(torch.randn(80, 80, dtype=torch.float64, generator=gen))
