@@ -84,3 +84,22 @@ def test_peer_names_and_pruned_sets():
     assert most_harmful(truth, ids, score, 0.4) == (8, 9)
     assert most_harmful(truth, ids, score, 0.01) == (8,)
     assert list(align(ids, score, truth.train_ids)) == [0.0, 2.0, -1.0, -1.0, 0.5]
+
+
+def test_arnoldi_convergence_on_a_quality_run(tmp_path, capsys):
+    """``benchmarks.arnoldi_convergence`` reads a finished run and prints, per Krylov
+    dimension, the agreement with the exact solve; the adaptive default agrees closely."""
+    from benchmarks import arnoldi_convergence
+    from storage.store import Store
+
+    store = tmp_path / "store"
+    assert quality.main(["--quick", "--store", str(store), "--peers", "none",
+                         "--estimators", "if_exact"]) == 0
+    capsys.readouterr()
+    run = Store(store).list_runs()[0]
+    assert arnoldi_convergence.main(["--store", str(store), "--run", run.run_id,
+                                     "--dims", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    small, default = lines[-2].split(), lines[-1].split()
+    assert small[0] == "32" and default[0] == "default"
+    assert float(default[2]) > 0.99 > float(small[1])
