@@ -103,3 +103,20 @@ def test_arnoldi_convergence_on_a_quality_run(tmp_path, capsys):
     small, default = lines[-2].split(), lines[-1].split()
     assert small[0] == "32" and default[0] == "default"
     assert float(default[2]) > 0.99 > float(small[1])
+
+
+def test_paired_difference_against_the_best_peer():
+    """Sieve's rows are compared, target by target, with the peer of the best mean LDS; the
+    paired CI excludes 0 for a small, consistent lead that two overlapping CIs would hide."""
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.5, 0.95, 200)  # targets differ a lot from each other
+    truth = SimpleNamespace(fresh=("membership", "margins"), target_ids=np.arange(200))
+    peers = {"weak": {"lds_fresh": spread - 0.2}, "strong": {"lds_fresh": spread - 0.005}}
+    sieve = {"if_cg ×5": {"lds_fresh": spread + rng.normal(0, 0.002, 200)}}
+    sieve["if_cg ×5"]["lds_fresh"][3] = np.nan  # a constant target is dropped, not counted
+    paired = quality.paired_with_best_peer(truth, sieve, peers,
+                                           {"weak": 0.5, "strong": 0.7})
+    assert paired["peer"] == "strong" and paired["metric"] == "lds_fresh"
+    mean, low, high = paired["rows"]["if_cg ×5"]
+    assert 0 < low < mean < high < 0.01
+    assert quality.paired_with_best_peer(truth, sieve, {}, {}) is None
