@@ -128,24 +128,53 @@ def _stage_seconds(run, stage: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def truth_check(truth, names: list[str], table: dict) -> float:
-    """Largest difference between evaluation.parquet and Sieve's stored scores re-judged with
-    this module's ground truth (LOO, LDS): 0 means peers face exactly Sieve's truth."""
-    from benchmarks.quality_truth import align, metrics, stored_attributions, stored_scores
+def truth_check(truth, names: list[str], table: dict
+                ) -> tuple[float, dict[str, dict[str, np.ndarray]]]:
+    """(largest difference between evaluation.parquet and Sieve's stored scores re-judged with
+    this module's ground truth (LOO, LDS): 0 means peers face exactly Sieve's truth; the
+    per-target LDS of every estimator with train x test attributions, ``per_target_lds``)."""
+    from benchmarks.quality_truth import (
+        align,
+        metrics,
+        per_target_lds,
+        stored_attributions,
+        stored_scores,
+    )
 
     worst = 0.0
+    targets: dict[str, dict[str, np.ndarray]] = {}
     for name in names:
         ids, score = stored_scores(truth.run, truth.config, name)
         try:
-            train, targets, matrix = stored_attributions(truth.run, name)
-            mine = metrics(truth, train, align(ids, score, train), matrix, targets)
+            train, target_ids, matrix = stored_attributions(truth.run, name)
+            mine = metrics(truth, train, align(ids, score, train), matrix, target_ids)
+            if len(truth.membership) >= 3:
+                targets[name] = per_target_lds(truth, train, matrix, target_ids)
         except KeyError:  # an estimator without train x test attributions
             mine = metrics(truth, ids, score)
         for key in ("loo_pearson", "loo_spearman", "lds", "lds_fresh"):
             a, b = mine.get(key), table[name].get(key)
             if a is not None and b is not None and np.isfinite(a) and np.isfinite(b):
                 worst = max(worst, abs(a - b))
-    return worst
+    return worst, targets
+
+
+def paired_with_best_peer(truth, sieve: dict[str, dict[str, np.ndarray]],
+                          peers: dict[str, dict[str, np.ndarray]], scores: dict[str, float]
+                          ) -> dict | None:
+    """Each Sieve row's per-target LDS (fresh-seed when the run has it) minus that of the peer
+    with the best mean (``scores``: peer -> mean), paired over the targets: {"peer", "metric",
+    "targets", "rows": {row: [mean, low, high]}}; None without a scored peer."""
+    from benchmarks.quality_truth import paired_difference
+
+    key = "lds_fresh" if truth.fresh is not None else "lds"
+    ranked = [p for p in peers if np.isfinite(scores.get(p, np.nan))]
+    if not ranked or not sieve:
+        return None
+    best = max(ranked, key=lambda p: scores[p])
+    rows = {name: list(paired_difference(values[key], peers[best][key]))
+            for name, values in sieve.items()}
+    return {"peer": best, "metric": key, "targets": int(len(truth.target_ids)), "rows": rows}
 
 
 # --- peers --------------------------------------------------------------------------------------
@@ -329,6 +358,13 @@ def print_result(result: dict, console) -> None:
            else p["peer"] for p in result["peers"] if p["ok"]]
     console.print("peers run (CPU/wall of the timed part; ~1.00 = it had a core to itself): "
                   f"{', '.join(ran) or 'none'}")
+    paired = result.get("paired")
+    if paired:
+        what = "fresh-seed LDS" if paired["metric"] == "lds_fresh" else "LDS"
+        rows = "; ".join(f"sieve {name} {mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+                         for name, (mean, low, high) in paired["rows"].items())
+        console.print(f"paired over the {paired['targets']} targets, {what} minus the best "
+                      f"peer's ({paired['peer']}), mean [95% CI]: {rows}")
     for p in failed:
         console.print(escape(f"peer failed: {p['peer']}: {p['error']}"))
     console.print()
@@ -339,7 +375,7 @@ def print_result(result: dict, console) -> None:
 
 def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
                  workdir: Path) -> dict:
-    from benchmarks.quality_truth import load_ground_truth
+    from benchmarks.quality_truth import load_ground_truth, per_target_lds
     from estimators.registry import make_estimator
     from flows.evaluate import evaluate
     from tasks.config import load_config
@@ -356,9 +392,13 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
     fractions = config.evaluate.prune_curve.fractions
     q = min(fractions, key=lambda f: abs(f - PRUNE_Q))
     truth = load_ground_truth(str(store.root), run_id)
-    check = truth_check(truth, estimators, table)
+    check, sieve_targets = truth_check(truth, estimators, table)
     ensemble = (evaluate_ensemble(overrides, store, args.ensemble, truth, estimators)
                 if args.ensemble > 1 else None)
+    if ensemble:
+        sieve_targets |= {f"{e} ×{args.ensemble}": v
+                          for e, v in ensemble.pop("per_target").items()}
+    peer_targets: dict[str, dict[str, np.ndarray]] = {}
     timeout = args.peer_timeout or (60.0 if args.quick else 300.0)
     peer_rows = []
     for peer in peers:
@@ -370,6 +410,9 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
             try:
                 result["metrics"] = judge_peer(truth, result, None if args.no_peer_prune
                                                else q)
+                if len(truth.membership) >= 3:
+                    peer_targets[peer] = per_target_lds(truth, result["train_ids"],
+                                                        result["matrix"], result["target_ids"])
             except Exception as e:  # noqa: BLE001 - a peer's bad output is its row's reason
                 from benchmarks.quality_peers import one_line
 
@@ -382,6 +425,10 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
         print(f"[quality] {name}: peer {peer} {status} ({time.perf_counter() - started:.0f} s)",
               file=sys.stderr, flush=True)
         peer_rows.append(result)
+    key = "lds_fresh" if truth.fresh is not None else "lds"
+    paired = paired_with_best_peer(
+        truth, sieve_targets, peer_targets,
+        {p["peer"]: p["metrics"].get(key, np.nan) for p in peer_rows if p["ok"]})
     return {
         "workload": name, "run_id": run_id, "overrides": overrides,
         "evaluate_seconds": evaluate_seconds, "estimators": estimators,
@@ -394,6 +441,7 @@ def run_workload(name: str, overrides: list[str], store, peers: list[str], args,
                                 if make_estimator(e.name, **e.options).needs.gradients],
         "n_train": int(len(truth.train_ids)), "lds_subsets": int(len(truth.membership)),
         "lds_targets": int(len(truth.target_ids)), "loo_samples": int(len(truth.loo_ids)),
+        "paired": paired,
     }
 
 
@@ -415,8 +463,9 @@ def evaluate_ensemble(overrides: list[str], store, models: int, truth, estimator
     seconds = time.perf_counter() - started
     run = store.existing_run(run_id)
     table = read_evaluation(run.evaluation)
-    check = truth_check(dataclasses.replace(truth, run=run), estimators, table)
+    check, per_target = truth_check(dataclasses.replace(truth, run=run), estimators, table)
     return {"models": models, "run_id": run_id, "evaluate_seconds": seconds,
+            "per_target": per_target,
             "estimators": estimators, "sieve": {e: table[e] for e in estimators},
             "train_seconds": _stage_seconds(run, "train"),
             "gradients_seconds": _stage_seconds(run, "gradients"), "truth_check": check}

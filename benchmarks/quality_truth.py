@@ -115,6 +115,26 @@ def align(ids: np.ndarray, values: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.asarray(values)[at]
 
 
+def per_target_lds(truth: GroundTruth, train_ids: np.ndarray, matrix: np.ndarray,
+                   target_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """LDS of every target (T,) of the truth, for attributions ``matrix`` (n, T') over
+    (train_ids, target_ids): {"lds": fixed-seed, "lds_fresh": fresh-seed (when the run has
+    it)}."""
+    m = align(train_ids, matrix, truth.train_ids)
+    m = align(target_ids, m.T, truth.target_ids).T
+    out = {"lds": lds(m, truth.membership, truth.margins)}
+    if truth.fresh is not None:
+        out["lds_fresh"] = lds(m, *truth.fresh)
+    return out
+
+
+def paired_difference(mine: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high) of ``mine - theirs`` over the targets where both are finite: the 95%
+    CI of a paired difference, narrower than comparing two CIs when targets vary a lot."""
+    both = np.isfinite(mine) & np.isfinite(theirs)
+    return mean_ci(np.asarray(mine)[both] - np.asarray(theirs)[both])
+
+
 def metrics(truth: GroundTruth, train_ids: np.ndarray, score: np.ndarray,
             matrix: np.ndarray | None = None, target_ids: np.ndarray | None = None
             ) -> dict[str, float]:
@@ -126,13 +146,8 @@ def metrics(truth: GroundTruth, train_ids: np.ndarray, score: np.ndarray,
     at = np.searchsorted(truth.train_ids, truth.loo_ids)
     row["loo_pearson"], row["loo_spearman"] = loo_correlation(score[at], truth.loo_delta)
     if matrix is not None and len(truth.membership) >= 3:
-        m = align(train_ids, matrix, truth.train_ids)
-        m = align(target_ids, m.T, truth.target_ids).T
-        row["lds"], row["lds_low"], row["lds_high"] = mean_ci(
-            lds(m, truth.membership, truth.margins))
-        if truth.fresh is not None:
-            row["lds_fresh"], row["lds_fresh_low"], row["lds_fresh_high"] = mean_ci(
-                lds(m, *truth.fresh))
+        for key, values in per_target_lds(truth, train_ids, matrix, target_ids).items():
+            row[key], row[f"{key}_low"], row[f"{key}_high"] = mean_ci(values)
     if truth.corrupted is not None:
         row["detection_auc"] = detection_auc(-score, truth.corrupted)
     return row

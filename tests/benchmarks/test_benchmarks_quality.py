@@ -84,3 +84,39 @@ def test_peer_names_and_pruned_sets():
     assert most_harmful(truth, ids, score, 0.4) == (8, 9)
     assert most_harmful(truth, ids, score, 0.01) == (8,)
     assert list(align(ids, score, truth.train_ids)) == [0.0, 2.0, -1.0, -1.0, 0.5]
+
+
+def test_arnoldi_convergence_on_a_quality_run(tmp_path, capsys):
+    """``benchmarks.arnoldi_convergence`` reads a finished run and prints, per Krylov
+    dimension, the agreement with the exact solve; the adaptive default agrees closely."""
+    from benchmarks import arnoldi_convergence
+    from storage.store import Store
+
+    store = tmp_path / "store"
+    assert quality.main(["--quick", "--store", str(store), "--peers", "none",
+                         "--estimators", "if_exact"]) == 0
+    capsys.readouterr()
+    run = Store(store).list_runs()[0]
+    assert arnoldi_convergence.main(["--store", str(store), "--run", run.run_id,
+                                     "--dims", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    small, default = lines[-2].split(), lines[-1].split()
+    assert small[0] == "32" and default[0] == "default"
+    assert float(default[2]) > 0.99 > float(small[1])
+
+
+def test_paired_difference_against_the_best_peer():
+    """Sieve's rows are compared, target by target, with the peer of the best mean LDS; the
+    paired CI excludes 0 for a small, consistent lead that two overlapping CIs would hide."""
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.5, 0.95, 200)  # targets differ a lot from each other
+    truth = SimpleNamespace(fresh=("membership", "margins"), target_ids=np.arange(200))
+    peers = {"weak": {"lds_fresh": spread - 0.2}, "strong": {"lds_fresh": spread - 0.005}}
+    sieve = {"if_cg ×5": {"lds_fresh": spread + rng.normal(0, 0.002, 200)}}
+    sieve["if_cg ×5"]["lds_fresh"][3] = np.nan  # a constant target is dropped, not counted
+    paired = quality.paired_with_best_peer(truth, sieve, peers,
+                                           {"weak": 0.5, "strong": 0.7})
+    assert paired["peer"] == "strong" and paired["metric"] == "lds_fresh"
+    mean, low, high = paired["rows"]["if_cg ×5"]
+    assert 0 < low < mean < high < 0.01
+    assert quality.paired_with_best_peer(truth, sieve, {}, {}) is None
