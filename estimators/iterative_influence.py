@@ -117,8 +117,18 @@ def conjugate_gradient(
 
 
 BLOCK_MEMORY_BYTES = 2**30
-"""Largest basis (Krylov vectors and their images, float64) ``block_conjugate_gradient`` keeps;
-beyond it the solve falls back to column-wise ``conjugate_gradient``."""
+"""Largest basis (Krylov vectors and their images, float64) one ``block_conjugate_gradient``
+keeps: ``if_cg`` solves its right-hand sides in groups of ``block_width`` columns."""
+
+
+def block_width(d: int, maxiter: int) -> int:
+    """Most right-hand sides one block CG solve may take within ``BLOCK_MEMORY_BYTES``
+    (``2 * d * min(d, maxiter * m)`` float64); 0 when not even one fits (then column-wise CG)."""
+    if 16 * d * min(d, maxiter) > BLOCK_MEMORY_BYTES:
+        return 0
+    if 16 * d * d <= BLOCK_MEMORY_BYTES:
+        return 2**31
+    return BLOCK_MEMORY_BYTES // (16 * d * maxiter)
 
 
 def block_conjugate_gradient(
@@ -127,8 +137,9 @@ def block_conjugate_gradient(
     """Solve ``A X = rhs`` for SPD A over one shared block Krylov space (block CG).
 
     ``rhs`` (d, m). Step k applies A to a block of at most m new orthonormal directions: the
-    residuals of the still-unconverged columns, orthogonalized (twice) against the basis Q, with
-    directions below 1e-12 of the largest dropped (rank-revealing SVD). X is the Galerkin
+    residuals of the still-unconverged columns (each right-hand side scaled to norm 1 first),
+    orthogonalized (twice) against the basis Q, with directions below 1e-12 dropped
+    (rank-revealing SVD). X is the Galerkin
     solution ``Q (Q^T A Q)^{-1} Q^T rhs``: in exact arithmetic block CG's iterate, the A-norm
     error minimizer over the block Krylov space, so every column profits from the directions
     the others found and the step count is far below column-wise CG's. Column j stops when
@@ -144,8 +155,9 @@ def block_conjugate_gradient(
     image = torch.empty_like(basis)
     factor = torch.empty(0, 0, dtype=rhs.dtype, device=rhs.device)  # Cholesky of Q^T A Q
     projected = torch.empty(0, m, dtype=rhs.dtype, device=rhs.device)  # Q^T rhs
-    solution, residual = torch.zeros_like(rhs), rhs.clone()
-    relative = torch.linalg.vector_norm(residual, dim=0) / scale
+    unit = rhs / scale  # unit columns: one drop threshold and one rtol serve every column
+    solution, residual = torch.zeros_like(rhs), unit.clone()
+    relative = torch.linalg.vector_norm(residual, dim=0)
     active = relative > rtol
     steps = 0
     while bool(active.any()) and steps < maxiter and basis.shape[1] < d:
@@ -153,7 +165,7 @@ def block_conjugate_gradient(
         for _ in range(2):
             block = block - basis @ (basis.T @ block)
         u, sing, _ = torch.linalg.svd(block, full_matrices=False)
-        keep = sing > 1e-12 * float(rhs_norm.max())
+        keep = sing > 1e-12
         if not bool(keep.any()):
             break
         new = u[:, keep]
@@ -171,14 +183,14 @@ def block_conjugate_gradient(
         zeros = torch.zeros(factor.shape[0], tail.shape[0], dtype=rhs.dtype, device=rhs.device)
         factor = torch.cat([torch.cat([factor, zeros], 1), torch.cat([below, tail], 1)], 0)
         basis, image = torch.cat([basis, new], 1), torch.cat([image, applied], 1)
-        projected = torch.cat([projected, new.T @ rhs], 0)
+        projected = torch.cat([projected, new.T @ unit], 0)
         coefficients = torch.cholesky_solve(projected, factor)
         solution = basis @ coefficients
-        residual = rhs - image @ coefficients
-        relative = torch.linalg.vector_norm(residual, dim=0) / scale
+        residual = unit - image @ coefficients
+        relative = torch.linalg.vector_norm(residual, dim=0)
         active = relative > rtol
     worst = float(relative.max()) if relative.numel() else 0.0
-    return solution, steps, worst
+    return solution * scale, steps, worst
 
 
 def lissa(
@@ -354,12 +366,17 @@ class ConjugateGradientInfluence(_IterativeInfluence):
         d = problem.d
 
         def solve(rhs: torch.Tensor) -> torch.Tensor:
-            block = rhs.shape[1] > 1 and 16 * d * min(d, self.maxiter * rhs.shape[1]) <= (
-                BLOCK_MEMORY_BYTES)
-            method = block_conjugate_gradient if block else conjugate_gradient
-            solution, iterations, residual = method(
-                problem.operator, rhs, self.rtol, self.maxiter
-            )
+            width = block_width(d, self.maxiter)
+            if rhs.shape[1] > 1 and width > 0:
+                parts = [block_conjugate_gradient(problem.operator, rhs[:, s : s + width],
+                                                  self.rtol, self.maxiter)
+                         for s in range(0, rhs.shape[1], width)]
+                solution = torch.cat([part[0] for part in parts], dim=1)
+                iterations = max(part[1] for part in parts)
+                residual = max(part[2] for part in parts)
+            else:
+                solution, iterations, residual = conjugate_gradient(
+                    problem.operator, rhs, self.rtol, self.maxiter)
             if residual > self.rtol:
                 warnings.warn(
                     f"if_cg stopped after {iterations} iterations at relative residual "

@@ -145,6 +145,21 @@ def test_mlp_ggn_solvers_match_exact(lbfgs_mlp) -> None:
     assert np.allclose(arnoldi, exact, rtol=1e-6, atol=1e-8 * scale)
 
 
+def test_cg_solves_many_targets_in_groups_that_fit_the_block_memory(lbfgs_mlp, monkeypatch):
+    """Targets beyond one block's memory are solved group by group: the same scores."""
+    import estimators.iterative_influence as iterative
+
+    whole = ConjugateGradientInfluence().pairwise(lbfgs_mlp)[2]
+    assert iterative.block_width(307, 200) >= whole.shape[1]
+    # d = 307 <= maxiter * m for m >= 2: a budget below d x d fits one column per group
+    monkeypatch.setattr(iterative, "BLOCK_MEMORY_BYTES", 16 * 307 * 250)
+    assert iterative.block_width(307, 200) == 1
+    grouped = ConjugateGradientInfluence().pairwise(lbfgs_mlp)[2]
+    assert np.allclose(grouped, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    monkeypatch.setattr(iterative, "BLOCK_MEMORY_BYTES", 16 * 307 * 199)
+    assert iterative.block_width(307, 200) == 0  # not one column fits: column-wise CG
+
+
 def test_conjugate_gradient_rejects_indefinite_systems() -> None:
     matrix = torch.diag(torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64))
     rhs = torch.ones(3, 2, dtype=torch.float64)
