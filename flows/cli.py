@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         store.check_reachable()
         try:
             return args.command(args, store)
+        except BadInput:
+            if is_remote(store.root):  # "missing file" may be a store that went away: say so
+                store.check_reachable()
+            raise
         except Exception as exc:  # a URL store that stops answering is not a bug of Sieve's
             reason = store_failure(exc) if is_remote(store.root) else None
             if reason is None:

@@ -13,7 +13,15 @@ import torch
 
 from storage.atomic import atomic_path, read_parquet_table, write_parquet_atomic
 from storage.errors import BadInput
-from storage.location import StorePath, is_within, joined, location, resolved, store_path
+from storage.location import (
+    StorePath,
+    is_within,
+    joined,
+    location,
+    resolved,
+    store_failure,
+    store_path,
+)
 
 INDEX_NAME = "index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -149,11 +157,13 @@ def load_state_dict(path: StorePath, sha256: str | None = None) -> dict[str, tor
     check and the load).
     """
     path = store_path(path)
-    if not path.is_file():
-        raise BadInput(f"checkpoint {path} does not exist")
     try:
         data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise BadInput(f"checkpoint {path} does not exist") from None
     except OSError as e:
+        if store_failure(e) is not None:
+            raise  # the store did not answer: the caller reports the store, not the file
         raise BadInput(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
         raise BadInput(f"checkpoint {path} does not match its recorded sha256")
@@ -175,7 +185,9 @@ def verify_checkpoints(records: list[CheckpointRecord]) -> None:
     damaged checkpoint rather than attributing a model it did not train.
     """
     for r in records:
-        if not store_path(r.path).is_file():
-            raise BadInput(f"checkpoint {r.path} does not exist")
-        if file_sha256(r.path) != r.sha256.lower():
+        try:
+            digest = file_sha256(r.path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise BadInput(f"checkpoint {r.path} does not exist") from None
+        if digest != r.sha256.lower():
             raise BadInput(f"checkpoint {r.path} does not match its recorded sha256")

@@ -130,6 +130,7 @@ class Store:
         if not is_remote(self.root):
             return
         top = self.root.path.lstrip("/").split("/", 1)[0]
+        self.root.fs.invalidate_cache()  # ask the store, not fsspec's listings of it
         try:
             self.root.fs.info(top)
         except FileNotFoundError:

@@ -4,6 +4,7 @@ Stopping it (SIGINT, as Ctrl-C) checks that it exits 0 and leaves no process or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -134,12 +135,15 @@ def _stop(served: Served, ports: tuple[int, int]) -> None:
     try:
         code = served.process.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        for child in [*children, psutil.Process(served.process.pid)]:
-            child.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        served.process.kill()
         raise AssertionError(f"sieve serve ignored Ctrl-C for {STOP_TIMEOUT_S} s") from None
     _, alive = psutil.wait_procs(children, timeout=10)
     for child in alive:
-        child.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     assert code == 0, served.tail()
     assert not alive, f"left running: {[p.pid for p in alive]}"
     for port in ports:

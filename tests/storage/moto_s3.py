@@ -33,11 +33,12 @@ def s3_server(*buckets: str) -> Iterator[str]:
         with pytest.MonkeyPatch.context() as env:
             for key, value in {**ENV, "AWS_ENDPOINT_URL": endpoint}.items():
                 env.setenv(key, value)
+            _forget_filesystems()  # cached filesystems know another endpoint
             for bucket in buckets:
                 s3_client().create_bucket(Bucket=bucket)  # s3fs's mkdir of a bucket fails on moto
             yield endpoint
-            _forget_filesystems()
     finally:
+        _forget_filesystems()  # also after a failure: no later test may reuse this endpoint
         RUNNING.remove(server)
         server.stop()
 

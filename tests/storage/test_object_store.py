@@ -173,3 +173,25 @@ def test_attributions_are_replaced_whole_in_a_bucket(store):
     assert write_attributions(folder, train[:2], test, -matrix[:2], part_rows=4, block=2) == 1
     assert _keys(store) == {"runs/r1/attributions/estimator=ip/part-0.parquet"}
     assert read_parquet_table(folder / "part-0.parquet")["score"].to_pylist() == [0, -1, -2, -3]
+
+
+def test_a_store_that_went_away_is_not_a_missing_checkpoint(tmp_path, monkeypatch):
+    """fsspec's is_file() answers False when the store does not answer: a checkpoint read
+    must not call the file missing then, but raise the store's own failure (which the CLI
+    reports as "store ... is not reachable"); a truly missing file is still BadInput."""
+    from storage.location import store_failure
+    from tests.storage.moto_s3 import RUNNING
+
+    monkeypatch.setenv("SIEVE_CACHE_DIR", str(tmp_path / "cache"))
+    with s3_server("gone-bucket"):
+        folder = Store("s3://gone-bucket/s").run("r1").checkpoints_dir
+        path, sha = save_checkpoint(folder, 1, torch.nn.Linear(2, 2).state_dict())
+        with pytest.raises(BadInput, match="does not exist"):
+            load_state_dict(f"{folder}/step-2.pt")
+        server = RUNNING[-1]
+        server.stop()
+        server._server.server_close()
+        with pytest.raises(Exception) as caught:  # noqa: B017 - botocore/aiohttp, no common base
+            load_state_dict(path, sha)
+        assert not isinstance(caught.value, BadInput)
+        assert store_failure(caught.value) is not None, repr(caught.value)
