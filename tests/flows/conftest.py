@@ -29,14 +29,10 @@ def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """One real ``sieve serve`` (tiny config, pipeline every minute) per module of serve or
-    browser tests; stopping it with Ctrl-C is checked when the module ends. (Session-wide, it
-    lived through every later test: other tests kill processes and process groups by id, and
-    the suite wraps the machine's 32,768 process ids within a run, so a late Ctrl-C check
-    could judge more than ``sieve serve``: twice it found serve's Prefect API gone or serve
-    unresponsive about 90 s before the session's end.)"""
+    """One real ``sieve serve`` (tiny config, pipeline every minute) for the serve and browser
+    tests; stopping it with Ctrl-C is checked at the end of the session."""
     from tests.flows.serving import serve_process
 
     with serve_process(tmp_path_factory.mktemp("served")) as running:

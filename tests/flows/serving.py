@@ -90,6 +90,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _default_sigint() -> None:
+    """As a terminal starts a foreground command: SIGINT at its default (Python then turns it
+    into KeyboardInterrupt). A test session launched in the background by a non-interactive
+    shell inherits SIGINT ignored, and so would ``sieve serve``: Ctrl-C would then be judged on
+    a process that was told to ignore it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def serve_process(folder: Path) -> Iterator[Served]:
     """Start ``sieve serve`` in ``folder``; yield once its three deployments are registered."""
@@ -104,7 +112,8 @@ def serve_process(folder: Path) -> Iterator[Served]:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--store", str(store.root), "-c",
              str(config), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_default_sigint)
     served = Served(store, f"http://127.0.0.1:{prefect_port}",
                     f"http://127.0.0.1:{mlflow_port}", process, log)
     try:
