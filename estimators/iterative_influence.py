@@ -509,7 +509,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         score(z) = sum_i (g_V . u_i)(g_z . u_i) / (lambda_i + s) + (P g_V) . (P g_z) / (mu + s)
 
     with P = I - U U^T and mu = trace(P C P) / (d - k), the mean curvature left outside the
-    kept directions, by Hutchinson probes (those of ``estimators.damping``, projected): the
+    kept directions, by 32 seeded Hutchinson probes projected onto the complement: the
     exact inverse of the damped approximation ``U Lambda U^T + mu P + s I``.
     ``complement=False`` drops the last term (the subspace-only estimate of dattri).
 
