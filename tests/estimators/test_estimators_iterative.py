@@ -63,9 +63,13 @@ def _pearson_with_exact(convex, name: str, capsys, **options) -> float:
 
 
 def test_cg_matches_exact(convex, capsys) -> None:
-    assert _pearson_with_exact(convex, "if_cg", capsys) >= 0.99
+    """At its default rtol (1e-4) the ranking is the exact one; tightened, so are the values."""
+    assert _pearson_with_exact(convex, "if_cg", capsys) >= 0.9999
     exact, cg = _attribution(convex, "if_exact"), _attribution(convex, "if_cg")
-    assert np.allclose(cg.score, exact.score, rtol=0, atol=1e-4 * np.abs(exact.score).max())
+    assert spearmanr(cg.score, exact.score)[0] >= 0.9999
+    assert np.allclose(cg.score, exact.score, rtol=0, atol=1e-3 * np.abs(exact.score).max())
+    tight = _attribution(convex, "if_cg", rtol=1e-8)
+    assert np.allclose(tight.score, exact.score, rtol=0, atol=1e-6 * np.abs(exact.score).max())
     assert cg.suspicion is None
 
 
@@ -111,8 +115,9 @@ def test_positive_spearman_with_leave_one_out(convex, name: str, capsys) -> None
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_pairwise_columns_sum_to_the_summed_target_score(convex, name: str) -> None:
+    """Linear in the target up to the solve's tolerance (if_cg's tightened to show it)."""
     few = convex["few"]
-    estimator = ESTIMATORS[name]()
+    estimator = ESTIMATORS[name](**({"rtol": 1e-8} if name == "if_cg" else {}))
     train_ids, target_ids, matrix = estimator.pairwise(few)
     summed = estimator.score(few)
     assert matrix.shape == (len(few.train_ids), 20) and matrix.dtype == np.float64
@@ -149,12 +154,12 @@ def test_cg_solves_many_targets_in_groups_that_fit_the_block_memory(lbfgs_mlp, m
     """Targets beyond one block's memory are solved group by group: the same scores."""
     import estimators.iterative_influence as iterative
 
-    whole = ConjugateGradientInfluence().pairwise(lbfgs_mlp)[2]
+    whole = ConjugateGradientInfluence(rtol=1e-8).pairwise(lbfgs_mlp)[2]
     assert iterative.block_width(307, 200) >= whole.shape[1]
     # d = 307 <= maxiter * m for m >= 2: a budget below d x d fits one column per group
     monkeypatch.setattr(iterative, "BLOCK_MEMORY_BYTES", 16 * 307 * 250)
     assert iterative.block_width(307, 200) == 1
-    grouped = ConjugateGradientInfluence().pairwise(lbfgs_mlp)[2]
+    grouped = ConjugateGradientInfluence(rtol=1e-8).pairwise(lbfgs_mlp)[2]
     assert np.allclose(grouped, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
     monkeypatch.setattr(iterative, "BLOCK_MEMORY_BYTES", 16 * 307 * 199)
     assert iterative.block_width(307, 200) == 0  # not one column fits: column-wise CG
@@ -270,3 +275,4 @@ def test_default_damping_is_relative_to_the_curvature_and_shared(convex) -> None
     fixed = ConjugateGradientInfluence(damping=0.0)
     fixed.score(ctx)
     assert fixed.damping_used == 0.0
+
