@@ -279,8 +279,10 @@ def arnoldi_eigenpairs(
     the basis takes its place, so ``n_iter = d`` always spans the whole space. Q^T A Q over the
     vectors whose products are known is symmetrized and diagonalized.
 
-    ``stop(values, vectors)``, when given, is called with the current Ritz pairs every
-    ``check_every`` products and after the last; True ends the iteration there. Returns
+    ``stop(basis, projected)``, when given, is called every ``check_every`` products and after
+    the last with the Krylov basis so far Q (d, k) and the symmetrized ``Q^T A Q`` (k, k) (no
+    eigendecomposition: a caller that only needs ``Q (Q^T A Q + s I)^{-1} Q^T`` solves with
+    it); True ends the iteration there. Returns
     (eigenvalues (k,), descending; eigenvectors U (d, k), orthonormal columns), k the number of
     products (``n_iter`` unless stopped). Cost k products, O(d k^2) time, O(d n_iter) memory.
     """
@@ -320,11 +322,8 @@ def arnoldi_eigenpairs(
                                    0, 0.0)
     filled, done, largest, checked = width, 0, 0.0, 0
 
-    def ritz(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        symmetric = (projected[:k, :k] + projected[:k, :k].T) / 2
-        values, vectors = torch.linalg.eigh(symmetric)
-        order = torch.argsort(values, descending=True)
-        return values[order], basis[:, :k] @ vectors[:, order]
+    def symmetric(k: int) -> torch.Tensor:
+        return (projected[:k, :k] + projected[:k, :k].T) / 2
 
     while done < n_iter:
         cols = slice(done, filled)
@@ -344,7 +343,15 @@ def arnoldi_eigenpairs(
             filled += room
         if stop is not None and (done - checked >= check_every or done == n_iter):
             checked = done
-            values, vectors = ritz(done)
-            if stop(values, vectors):
-                return values, vectors
-    return ritz(done)
+            if stop(basis[:, :done], symmetric(done)):
+                break
+    return ritz_pairs(basis[:, :done], symmetric(done))
+
+
+def ritz_pairs(basis: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs of an operator A on the span of an orthonormal basis Q (d, k), from the
+    symmetric ``projected = Q^T A Q`` (k, k): eigenvalues (k,), descending, and vectors
+    Q Y (d, k). Cost O(k^3 + d k^2)."""
+    values, vectors = torch.linalg.eigh(projected)
+    order = torch.argsort(values, descending=True)
+    return values[order], basis @ vectors[:, order]

@@ -50,6 +50,7 @@ from estimators.hvp import (
     arnoldi_eigenpairs,
     curvature_operator,
     power_iteration,
+    ritz_pairs,
     signed_gradient_sums,
 )
 from estimators.influence import CURVATURES, Curvature
@@ -575,14 +576,15 @@ class ArnoldiInfluence(_IterativeInfluence):
         signs = _rademacher(problem.d, PROBES, ctx.seed, 0).to(ctx.device)
         curved = problem.undamped(signs)
 
-        def complement_mean(values: torch.Tensor, vectors: torch.Tensor) -> float:
-            """trace(P C P) / (d - k) from the probes (0 when the kept directions span R^d)."""
+        def complement_mean(vectors: torch.Tensor, curvature: torch.Tensor) -> float:
+            """trace(P C P) / (d - k) from the probes, P = I - W W^T for the orthonormal kept
+            directions W (d, k) with ``curvature`` = W^T C W (k, k) (0 when W spans R^d)."""
             k = vectors.shape[1]
             if not self.complement or k >= problem.d:
                 return 0.0
             inside = vectors.T @ signs
             quadratic = ((signs * curved).sum() - 2 * (inside * (vectors.T @ curved)).sum()
-                         + (inside * (values.unsqueeze(1) * inside)).sum())
+                         + (inside * (curvature @ inside)).sum())
             return max(0.0, float(quadratic) / (PROBES * (problem.d - k)))
 
         residual = [float("nan")]
@@ -592,10 +594,15 @@ class ArnoldiInfluence(_IterativeInfluence):
                 problem.model, problem.x, problem.y,
                 _rademacher(problem.y.shape[0], STOP_PROBES, ctx.seed, 1).to(ctx.device))
 
-            def stop(values: torch.Tensor, vectors: torch.Tensor) -> bool:
-                values, vectors = self._kept(values, vectors)
-                solved = self._apply(values, vectors, complement_mean(values, vectors),
-                                     problem.shift, rhs)
+            def stop(basis: torch.Tensor, projected: torch.Tensor) -> bool:
+                if self.rank is None and int(torch.linalg.cholesky_ex(projected)[1]) == 0:
+                    # every Ritz value > 0, so every pair is kept: solve in the basis
+                    rest = complement_mean(basis, projected)
+                    solved = self._apply_krylov(basis, projected, rest, problem.shift, rhs)
+                else:
+                    values, vectors = self._kept(*ritz_pairs(basis, projected))
+                    rest = complement_mean(vectors, torch.diag(values))
+                    solved = self._apply(values, vectors, rest, problem.shift, rhs)
                 error = torch.linalg.vector_norm(problem.operator(solved) - rhs, dim=0)
                 residual[0] = float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
                 return residual[0] <= self.rtol
@@ -613,7 +620,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         values, vectors = self._kept(values, vectors)
         if values.numel() == 0:
             raise ValueError("if_arnoldi found no positive eigenvalue of the curvature")
-        self._rest = complement_mean(values, vectors)
+        self._rest = complement_mean(vectors, torch.diag(values))
         if len(self._cached) >= CACHED_MODELS:
             self._cached.pop(next(iter(self._cached)))
         self._cached[key] = (values, vectors, self._rest)
@@ -624,6 +631,18 @@ class ArnoldiInfluence(_IterativeInfluence):
         """The approximate inverse on rhs (d, m): ``U (Lambda + s)^-1 U^T + P / (rest + s)``."""
         inside, outside = self._weights(values, shift, rest)
         return vectors @ (inside.unsqueeze(1) * (vectors.T @ rhs)) + outside * rhs
+
+    def _apply_krylov(self, basis: torch.Tensor, projected: torch.Tensor, rest: float,
+                      shift: float, rhs: torch.Tensor) -> torch.Tensor:
+        """``_apply`` with every Ritz pair kept, from the basis Q (d, k) and T = Q^T C Q
+        (k, k) positive definite: ``Q (T + s)^-1 Q^T rhs + P rhs / (rest + s)``, no
+        eigendecomposition (U (Lambda + s)^-1 U^T = Q (T + s)^-1 Q^T for U = Q Y)."""
+        _, outside = self._weights(projected.new_zeros(0), shift, rest)
+        coordinates = basis.T @ rhs
+        shifted = projected + shift * torch.eye(projected.shape[0], dtype=projected.dtype,
+                                                device=projected.device)
+        inside = torch.cholesky_solve(coordinates, torch.linalg.cholesky(shifted))
+        return basis @ (inside - outside * coordinates) + outside * rhs
 
     def _weights(self, values: torch.Tensor, shift: float, rest: float
                  ) -> tuple[torch.Tensor, float]:

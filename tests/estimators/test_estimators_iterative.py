@@ -18,6 +18,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from estimators.base import Attribution
 from estimators.damping import RELATIVE
+from estimators.hvp import ritz_pairs
 from estimators.influence import ExactInfluence
 from estimators.iterative_influence import (
     ArnoldiInfluence,
@@ -203,17 +204,36 @@ def test_block_arnoldi_recovers_the_spectrum_through_breakdowns(block: int) -> N
 
 
 def test_arnoldi_stops_when_asked() -> None:
-    """``stop`` sees the Ritz pairs every ``check_every`` products; True ends the iteration."""
+    """``stop`` sees the basis and Q^T A Q every ``check_every`` products; True ends the
+    iteration."""
     matrix = torch.diag(torch.logspace(0, -4, 40, dtype=torch.float64))
     seen: list[int] = []
 
-    def stop(values: torch.Tensor, vectors: torch.Tensor) -> bool:
-        seen.append(vectors.shape[1])
-        return vectors.shape[1] >= 20
+    def stop(basis: torch.Tensor, projected: torch.Tensor) -> bool:
+        k = basis.shape[1]
+        seen.append(k)
+        assert torch.allclose(projected, basis.T @ matrix @ basis, atol=1e-12)
+        return k >= 20
 
     values, vectors = arnoldi_eigenpairs(lambda v: matrix @ v, 40, 40, block=4, stop=stop,
                                          check_every=8)
     assert seen == [8, 16, 24] and values.shape == (24,) and vectors.shape == (40, 24)
+
+
+def test_arnoldi_inverse_from_the_basis_equals_the_one_from_ritz_pairs() -> None:
+    """With Q^T C Q positive definite, Q (T + s)^-1 Q^T + P / (mu + s) (what the adaptive
+    stop checks) is the Ritz-pair form U (Lambda + s)^-1 U^T + P / (mu + s)."""
+    gen = torch.Generator().manual_seed(4)
+    basis, _ = torch.linalg.qr(torch.randn(50, 12, dtype=torch.float64, generator=gen))
+    root = torch.randn(12, 12, dtype=torch.float64, generator=gen)
+    projected = root @ root.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    rhs = torch.randn(50, 3, dtype=torch.float64, generator=gen)
+    for complement in (True, False):
+        estimator = ArnoldiInfluence(complement=complement)
+        values, vectors = ritz_pairs(basis, projected)
+        ritz = estimator._apply(values, vectors, 0.7, 0.05, rhs)
+        krylov = estimator._apply_krylov(basis, projected, 0.7, 0.05, rhs)
+        assert torch.allclose(krylov, ritz, atol=1e-10)
 
 
 def test_default_arnoldi_converges_to_the_exact_solve(lbfgs_mlp, capsys) -> None:
