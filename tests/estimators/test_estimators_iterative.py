@@ -128,6 +128,17 @@ def test_pairwise_columns_sum_to_the_summed_target_score(convex, name: str) -> N
     assert np.allclose(matrix.sum(axis=1), summed.score, rtol=0, atol=1e-5 * scale)
 
 
+def test_lissa_products_in_float32_give_float64_products_scores(convex) -> None:
+    """float32 minibatch products (the default) round far below LiSSA's minibatch noise."""
+    few = convex["few"]
+    single = LissaInfluence(depth=200).score(few).score
+    double = LissaInfluence(depth=200, products="float64").score(few).score
+    assert single.dtype == np.float64 and not np.array_equal(single, double)
+    assert np.allclose(single, double, rtol=0, atol=1e-5 * np.abs(double).max())
+    with pytest.raises(ValueError, match="products"):
+        LissaInfluence(products="float16")
+
+
 def test_lissa_is_seeded(convex) -> None:
     again = LissaInfluence(depth=50).score(convex["few"])
     assert np.array_equal(again.score, LissaInfluence(depth=50).score(convex["few"]).score)
