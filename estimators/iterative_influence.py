@@ -12,7 +12,8 @@ U (positive = beneficial, units of target loss times n). ``wd`` is ``ctx.weight_
 ``mean loss + (lam/2)||theta||^2``); ``damping`` is the extra lambda of spec section 13.
 
 Work is in float64 (stored gradients are cast; the model is probed with float64 vectors), except
-LiSSA's minibatch products (float32 by default: ``LissaInfluence``).
+the curvature products of LiSSA and Arnoldi (float32 by default, ``products``: their error is
+far below what those methods approximate anyway; CG's stay float64).
 ``pairwise`` runs the same solve with every target row's gradient as a right-hand side and
 returns (train ids (n,), target ids (m,), scores (n, m) float64).
 """
@@ -238,6 +239,22 @@ def lissa(
     return h / scale
 
 
+Products = Literal["float32", "float64"]
+"""The dtype of an estimator's curvature products where it offers the choice (``products``)."""
+
+
+def product_dtype(products: str) -> torch.dtype:
+    """torch's dtype for a ``products`` option; ValueError unless "float32" or "float64"."""
+    if products not in ("float32", "float64"):
+        raise ValueError(f"products must be 'float32' or 'float64', got {products!r}")
+    return getattr(torch, products)
+
+
+def in_dtype(operator: MatVec, dtype: torch.dtype) -> MatVec:
+    """``operator`` applied in ``dtype``: v is cast to it and the product back to v's dtype."""
+    return lambda v: operator(v.to(dtype)).to(v.dtype)
+
+
 def _target_rows(
     ctx: ScoringContext, source: GradientSource, model: nn.Module
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -422,16 +439,14 @@ class LissaInfluence(_IterativeInfluence):
         scale: float | None = None,
         power_iters: int = 20,
         hvp_batch: int | None = None,
-        products: Literal["float32", "float64"] = "float32",
+        products: Products = "float32",
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
         if depth < 1 or batch < 1 or repeat < 1 or power_iters < 1:
             raise ValueError("depth, batch, repeat and power_iters must be >= 1")
         if scale is not None and scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        if products not in ("float32", "float64"):
-            raise ValueError(f"products must be 'float32' or 'float64', got {products!r}")
-        self.products = getattr(torch, products)
+        self.products = product_dtype(products)
         self.depth = depth
         self.batch = batch
         self.repeat = repeat
@@ -463,7 +478,7 @@ class LissaInfluence(_IterativeInfluence):
                 kind=self.curvature,
                 shift=problem.shift,
             )
-            return lambda h: product(h.to(self.products)).to(h.dtype)
+            return in_dtype(product, self.products)
 
         def solve(rhs: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(rhs)
@@ -532,7 +547,11 @@ class ArnoldiInfluence(_IterativeInfluence):
     every ``CHECK_EVERY`` products, up to min(d, ``MAX_ITERATIONS``) (a RuntimeWarning reports
     a miss). With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is
     the same form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset of train rows for
-    the products. Outputs (n,) float64. Cost: k products (k the dimension reached) plus
+    the products. ``products``: the dtype of the Arnoldi and probe products ("float32", the
+    default: their rounding, about 1e-7 of the largest eigenvalue, is far below the damping and
+    the 1e-2 residual the default stops at, which is checked with float64 products; half the
+    cost) or "float64"; the basis and everything after stay float64.
+    Outputs (n,) float64. Cost: k products (k the dimension reached) plus
     ``STOP_PROBES`` gradient passes and one product of ``STOP_PROBES`` columns per check, then
     O(d k) per gradient; memory O(d min(d, MAX_ITERATIONS)) float64 by default.
     """
@@ -548,9 +567,11 @@ class ArnoldiInfluence(_IterativeInfluence):
         hvp_batch: int | None = None,
         complement: bool = True,
         rtol: float = 1e-2,
+        products: Products = "float32",
     ) -> None:
         super().__init__(curvature, damping, hvp_batch)
         self.complement = complement
+        self.products = product_dtype(products)
         if n_iter is not None and n_iter < 1:
             raise ValueError(f"n_iter must be >= 1 or None, got {n_iter}")
         if rank is not None and rank < 1:
@@ -579,12 +600,13 @@ class ArnoldiInfluence(_IterativeInfluence):
         adaptive = self.n_iter is None
         n_iter = min(problem.d, MAX_ITERATIONS if adaptive else self.n_iter)
         key = (n_iter, self.rank, self.rtol if adaptive else None, self.curvature, ctx.seed,
-               problem.shift, problem.digest)
+               self.products, problem.shift, problem.digest)
         if key in self._cached:
             values, vectors, self._rest = self._cached[key]
             return values, vectors
         signs = _rademacher(problem.d, PROBES, ctx.seed, 0).to(ctx.device)
-        curved = problem.undamped(signs)
+        undamped = in_dtype(problem.undamped, self.products)
+        curved = undamped(signs)
 
         def complement_mean(vectors: torch.Tensor, curvature: torch.Tensor) -> float:
             """trace(P C P) / (d - k) from the probes, P = I - W W^T for the orthonormal kept
@@ -618,7 +640,7 @@ class ArnoldiInfluence(_IterativeInfluence):
                 return residual[0] <= self.rtol
 
         values, vectors = arnoldi_eigenpairs(
-            problem.undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device,
+            undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device,
             block=BLOCK, stop=stop, check_every=CHECK_EVERY,
         )
         self.krylov_dimension = values.numel()
