@@ -1,15 +1,25 @@
 """Interruptions: SIGTERM (what schedulers and Kubernetes send) and SIGINT (Ctrl-C) stop a run
 by unwinding it, like an error, so every ``finally`` runs: a half-written file's temporary is
-removed, the MLflow runs are closed as KILLED, the run is marked interrupted."""
+removed, the MLflow runs are closed as KILLED, the run is marked interrupted.
+
+A signal handler raises in whatever the main thread is running; when that is a finalizer or a
+weakref callback (garbage collection), Python prints the exception ("Exception ignored in ...")
+and drops it, and the run would carry on as if no signal had come. ``signals_raise`` therefore
+also records an interruption that Python dropped (``sys.unraisablehook``), and
+``raise_swallowed`` (called as stages start and as they advance) raises it again."""
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_swallowed: list[int] = []
+"""Signals whose exception Python dropped (raised in a finalizer or weakref callback)."""
 
 
 class Interrupted(BaseException):
@@ -54,9 +64,30 @@ def signals_raise() -> Iterator[None]:
             received.append(signum)
             raise Interrupted(signum)
 
+    hook = sys.unraisablehook
+
+    def unraisable(info: sys.UnraisableHookArgs) -> None:
+        signum = interruption(info.exc_value)
+        if signum is not None:
+            _swallowed.append(signum)
+        hook(info)
+
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = hook
+        _swallowed.clear()
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def raise_swallowed() -> None:
+    """Raise ``Interrupted`` for the first signal whose exception Python dropped (see the
+    module docstring), once; a no-op when there is none or outside the main thread (a worker
+    thread's exception would not unwind the run)."""
+    if _swallowed and threading.current_thread() is threading.main_thread():
+        signum = _swallowed[0]
+        _swallowed.clear()
+        raise Interrupted(signum)

@@ -22,6 +22,8 @@ from rich.table import Column
 from rich.text import Text
 from rich.theme import Theme
 
+from tasks.interrupts import raise_swallowed
+
 Logger = logging.Logger | logging.LoggerAdapter
 _LOG_EVERY_S = 30.0
 _lock = threading.Lock()
@@ -116,6 +118,7 @@ class StageProgress:
                      if self._bars is not None and total > 0 else None)
 
     def advance(self, n: int = 1, note: str = "") -> None:
+        raise_swallowed()  # a signal that arrived during garbage collection stops the run here
         with _lock:
             self.done += n
             done = self.done

@@ -12,7 +12,7 @@ from typing import Any
 from storage.metrics import record_metrics
 from storage.store import RunPaths
 from storage.tracking import StageRun, Tracking
-from tasks.interrupts import interruption
+from tasks.interrupts import interruption, raise_swallowed
 
 
 class StageRecord:
@@ -50,6 +50,7 @@ def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]
     """Open the MLflow child run ``name``; on success record ``seconds``, end it FINISHED, then
     write the metrics (last: a stage is done once its rows are in metrics.parquet, and its
     MLflow run is then already closed). An interruption ends it KILLED, an error FAILED."""
+    raise_swallowed()
     record = StageRecord(name, tracking.start_stage(name))
     started = time.perf_counter()
     try:
