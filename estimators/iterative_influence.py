@@ -669,7 +669,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         """``_apply`` with every Ritz pair kept, from the basis Q (d, k) and T = Q^T C Q
         (k, k) positive definite: ``Q (T + s)^-1 Q^T rhs + P rhs / (rest + s)``, no
         eigendecomposition (U (Lambda + s)^-1 U^T = Q (T + s)^-1 Q^T for U = Q Y)."""
-        _, outside = self._weights(projected.new_zeros(0), shift, rest)
+        outside = self._outside(shift, rest)
         coordinates = basis.T @ rhs
         shifted = projected + shift * torch.eye(projected.shape[0], dtype=projected.dtype,
                                                 device=projected.device)
@@ -681,9 +681,14 @@ class ArnoldiInfluence(_IterativeInfluence):
         """(weights of the kept directions minus that of the complement (k,), weight of their
         orthogonal complement): ``1/(lambda_i + shift)`` and ``1/(rest + shift)``
         (``complement``; rest = the complement's mean eigenvalue) or 0."""
-        total = rest + shift
-        outside = 1.0 / total if self.complement and total > 0 else 0.0
+        outside = self._outside(shift, rest)
         return 1.0 / (values + shift) - outside, outside
+
+    def _outside(self, shift: float, rest: float) -> float:
+        """Weight of the directions outside the kept ones: ``1/(rest + shift)``, or 0 without
+        ``complement`` (or when that sum is not positive)."""
+        total = rest + shift
+        return 1.0 / total if self.complement and total > 0 else 0.0
 
     def _solver(self, ctx: ScoringContext, problem: _Problem) -> MatVec:
         values, vectors = self._eigenpairs(ctx, problem)
