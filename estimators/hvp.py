@@ -291,17 +291,18 @@ def arnoldi_eigenpairs(
     if block < 1 or check_every < 1:
         raise ValueError(f"block and check_every must be >= 1, got {block}, {check_every}")
     gen = torch.Generator().manual_seed(seed)
-    basis = torch.zeros(d, n_iter, dtype=dtype, device=device)
+    rows = torch.zeros(n_iter, d, dtype=dtype, device=device)  # Q^T: prefixes stay contiguous
     projected = torch.zeros(n_iter, n_iter, dtype=dtype, device=device)
 
     def orthonormal(candidates: torch.Tensor, filled: int, scale: float) -> torch.Tensor:
-        """Columns orthonormal to basis[:, :filled] and each other, spanning the candidates
-        (already orthogonal to the basis); vanished ones replaced by random directions."""
-        known = basis[:, :filled]
+        """Columns orthonormal to the first ``filled`` basis vectors and each other, spanning
+        the candidates (already orthogonal to the basis); vanished ones replaced by random
+        directions."""
+        known = rows[:filled]
 
         def outside(q: torch.Tensor, accepted: list[torch.Tensor]) -> torch.Tensor:
             for _ in range(2):
-                q = q - known @ (known.T @ q)
+                q = q - known.T @ (known @ q)
                 for a in accepted:
                     q = q - a * (a @ q)
             return q
@@ -318,8 +319,8 @@ def arnoldi_eigenpairs(
         return torch.stack(out, dim=1)
 
     width = min(block, n_iter)
-    basis[:, :width] = orthonormal(torch.randn(d, width, generator=gen, dtype=dtype).to(device),
-                                   0, 0.0)
+    rows[:width] = orthonormal(torch.randn(d, width, generator=gen, dtype=dtype).to(device),
+                               0, 0.0).T
     filled, done, largest, checked = width, 0, 0.0, 0
 
     def symmetric(k: int) -> torch.Tensor:
@@ -327,25 +328,39 @@ def arnoldi_eigenpairs(
 
     while done < n_iter:
         cols = slice(done, filled)
-        current = basis[:, cols]
+        current = rows[cols].T
         w = matvec(current[:, 0]).unsqueeze(1) if block == 1 else matvec(current)
         largest = max(largest, float(torch.linalg.vector_norm(w, dim=0).max()))
         for _ in range(2):
-            coefficients = basis[:, :filled].T @ w
+            coefficients = rows[:filled] @ w
             projected[:filled, cols] += coefficients
-            w = w - basis[:, :filled] @ coefficients
+            w = w - rows[:filled].T @ coefficients
         done = filled
         room = min(block, n_iter - filled)
         if room > 0:
             new = orthonormal(w[:, :room], filled, largest)
-            basis[:, filled : filled + room] = new
+            rows[filled : filled + room] = new.T
             projected[filled : filled + room, cols] = new.T @ w
             filled += room
         if stop is not None and (done - checked >= check_every or done == n_iter):
             checked = done
-            if stop(basis[:, :done], symmetric(done)):
+            if stop(rows[:done].T, symmetric(done)):
                 break
-    return ritz_pairs(basis[:, :done], symmetric(done))
+    return ritz_pairs(rows[:done].T, symmetric(done))
+
+
+def dense_eigenpairs(
+    matvec: MatVec, d: int, dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric operator from its whole matrix: ``matvec`` ((d, m) -> (d, m))
+    applied to the d columns of the identity at once, symmetrized, diagonalized. Returns
+    (eigenvalues (d,), descending; orthonormal eigenvectors (d, d)): what ``arnoldi_eigenpairs``
+    reaches with ``n_iter = d``, without its orthogonalization. Cost d products, O(d^3) time,
+    O(d^2) memory."""
+    matrix = matvec(torch.eye(d, dtype=dtype, device=device))
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return values.flip(0), vectors.flip(1)
 
 
 def ritz_pairs(basis: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

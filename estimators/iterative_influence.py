@@ -52,6 +52,7 @@ from estimators.hvp import (
     MatVec,
     arnoldi_eigenpairs,
     curvature_operator,
+    dense_eigenpairs,
     power_iteration,
     ritz_pairs,
     signed_gradient_sums,
@@ -493,7 +494,11 @@ class LissaInfluence(_IterativeInfluence):
 
 
 MAX_ITERATIONS = 1000
-"""``if_arnoldi``'s largest Krylov dimension when ``n_iter`` is None (capped at d)."""
+"""``if_arnoldi``'s largest Krylov dimension when ``n_iter`` is None."""
+
+WHOLE_SPACE = MAX_ITERATIONS
+"""Largest d for which ``if_arnoldi``'s default builds the whole space instead of a Krylov
+space (``estimators.hvp.dense_eigenpairs``): the Krylov cap would be all of R^d."""
 
 BLOCK = 16
 """Curvature products ``if_arnoldi`` computes at once (one batched call per block)."""
@@ -544,8 +549,11 @@ class ArnoldiInfluence(_IterativeInfluence):
     approximate inverse solves ``(C + s I) x = b`` to relative residual ``rtol`` for
     ``STOP_PROBES`` right-hand sides b shaped like the gradients it is applied to (random-sign
     sums of the training rows' gradients, ``estimators.hvp.signed_gradient_sums``), checked
-    every ``CHECK_EVERY`` products, up to min(d, ``MAX_ITERATIONS``) (a RuntimeWarning reports
-    a miss). With ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is
+    every ``CHECK_EVERY`` products, up to ``MAX_ITERATIONS`` (a RuntimeWarning reports a miss).
+    A model with d <= ``WHOLE_SPACE`` parameters, where that cap is the whole space, gets
+    the whole space by default: C from d products on the identity, diagonalized
+    (``estimators.hvp.dense_eigenpairs``), cheaper than the Krylov run that may reach it. With
+    ``n_iter = rank = d`` either is the exact damped solve. ``suspicion(z)`` is
     the same form with g_V = g_z, >= 0. ``hvp_batch``: a fixed seeded subset of train rows for
     the products. ``products``: the dtype of the Arnoldi and probe products ("float32", the
     default: their rounding, about 1e-7 of the largest eigenvalue, is far below the damping and
@@ -619,9 +627,12 @@ class ArnoldiInfluence(_IterativeInfluence):
                          + (inside * (curvature @ inside)).sum())
             return max(0.0, float(quadratic) / (PROBES * (problem.d - k)))
 
-        residual = [float("nan")]
+        # d products on the identity cost no more than a Krylov run that may reach all of
+        # R^d, without its orthogonalization and checks, and give the exact eigenpairs
+        dense = adaptive and problem.d <= WHOLE_SPACE
+        residual = [0.0 if dense else float("nan")]
         stop = None
-        if adaptive:
+        if adaptive and not dense:
             rhs = signed_gradient_sums(
                 problem.model, problem.x, problem.y,
                 _rademacher(problem.y.shape[0], STOP_PROBES, ctx.seed, 1).to(ctx.device))
@@ -639,10 +650,13 @@ class ArnoldiInfluence(_IterativeInfluence):
                 residual[0] = float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
                 return residual[0] <= self.rtol
 
-        values, vectors = arnoldi_eigenpairs(
-            undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device,
-            block=BLOCK, stop=stop, check_every=CHECK_EVERY,
-        )
+        if dense:
+            values, vectors = dense_eigenpairs(undamped, problem.d, device=ctx.device)
+        else:
+            values, vectors = arnoldi_eigenpairs(
+                undamped, problem.d, n_iter, seed=ctx.seed, device=ctx.device,
+                block=BLOCK, stop=stop, check_every=CHECK_EVERY,
+            )
         self.krylov_dimension = values.numel()
         if adaptive and not residual[0] <= self.rtol:
             warnings.warn(

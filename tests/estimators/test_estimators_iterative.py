@@ -16,9 +16,10 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from estimators import iterative_influence
 from estimators.base import Attribution
 from estimators.damping import RELATIVE
-from estimators.hvp import ritz_pairs
+from estimators.hvp import dense_eigenpairs, ritz_pairs
 from estimators.influence import ExactInfluence
 from estimators.iterative_influence import (
     ArnoldiInfluence,
@@ -221,6 +222,29 @@ def test_block_arnoldi_recovers_the_spectrum_through_breakdowns(block: int) -> N
     assert torch.allclose(vectors.T @ vectors, torch.eye(12, dtype=torch.float64), atol=1e-10)
 
 
+def test_dense_eigenpairs_match_arnoldi_over_the_whole_space() -> None:
+    """d products on the identity, diagonalized: the spectrum (descending) and an orthonormal
+    basis that rebuilds the matrix, null space included."""
+    gen = torch.Generator().manual_seed(5)
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=gen))
+    spectrum = torch.tensor([4.0, 4.0, 2.0, 1.5, 1.0, 0.5, 0.1, 0.01, 0, 0, 0, 0],
+                            dtype=torch.float64)
+    matrix = rotation @ torch.diag(spectrum) @ rotation.T
+    columns: list[int] = []
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        columns.append(v.shape[1])
+        return matrix @ v
+
+    values, vectors = dense_eigenpairs(product, 12)
+    assert columns == [12]
+    assert torch.allclose(values, spectrum, atol=1e-12)
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, matrix, atol=1e-12)
+    assert torch.allclose(vectors.T @ vectors, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    krylov, _ = arnoldi_eigenpairs(lambda v: matrix @ v, 12, 12, seed=1, block=4)
+    assert torch.allclose(values, krylov, atol=1e-10)
+
+
 def test_arnoldi_stops_when_asked() -> None:
     """``stop`` sees the basis and Q^T A Q every ``check_every`` products; True ends the
     iteration."""
@@ -254,9 +278,23 @@ def test_arnoldi_inverse_from_the_basis_equals_the_one_from_ritz_pairs() -> None
         assert torch.allclose(krylov, ritz, atol=1e-10)
 
 
-def test_default_arnoldi_converges_to_the_exact_solve(lbfgs_mlp, capsys) -> None:
-    """No n_iter: Arnoldi grows its Krylov space until the solve reaches rtol, so a tight rtol
-    matches the exact damped solve and a loose one stops at a smaller dimension (d=307)."""
+def test_default_arnoldi_on_a_small_model_is_the_exact_solve(lbfgs_mlp) -> None:
+    """d=307 <= WHOLE_SPACE: the default diagonalizes C built from d products, whatever
+    rtol, so the scores are the exact damped solve (up to float32 products)."""
+    exact = ExactInfluence().score(lbfgs_mlp)
+    for rtol in (1e-6, 0.5):
+        estimator = ArnoldiInfluence(rtol=rtol)
+        attribution = estimator.score(lbfgs_mlp)
+        assert estimator.krylov_dimension == 307
+        assert pearsonr(attribution.score, exact.score)[0] > 0.99999
+        assert pearsonr(attribution.suspicion, exact.suspicion)[0] > 0.99999
+
+
+def test_default_arnoldi_converges_to_the_exact_solve(lbfgs_mlp, capsys, monkeypatch) -> None:
+    """No n_iter, Krylov path (WHOLE_SPACE below d): Arnoldi grows its Krylov space until the
+    solve reaches rtol, so a tight rtol matches the exact damped solve and a loose one stops at
+    a smaller dimension (d=307)."""
+    monkeypatch.setattr(iterative_influence, "WHOLE_SPACE", 0)
     exact = ExactInfluence().score(lbfgs_mlp).score
     dimensions = {}
     for rtol in (1e-6, 0.5):
