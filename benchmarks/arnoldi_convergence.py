@@ -23,25 +23,12 @@ import torch
 from scipy.stats import spearmanr
 
 from estimators._streaming import gradient_source
-from estimators.hvp import signed_gradient_sums
-from estimators.iterative_influence import (
-    STOP_PROBES,
-    ArnoldiInfluence,
-    ConjugateGradientInfluence,
-    _rademacher,
-)
+from estimators.iterative_influence import ArnoldiInfluence, ConjugateGradientInfluence
+from estimators.per_sample import parameter_count
 from storage.checkpoints import read_checkpoint_index
 from storage.store import Store
 from tasks.config import load_resolved_config
 from tasks.score import scoring_context
-
-
-def _residual(estimator: ArnoldiInfluence, ctx, rhs: torch.Tensor) -> float:
-    """Worst relative residual over the columns of rhs (d, m) of the estimator's solve."""
-    problem = estimator._problem(ctx)
-    solved = estimator._solver(ctx, problem)(rhs)
-    error = torch.linalg.vector_norm(problem.operator(solved) - rhs, dim=0)
-    return float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = ConjugateGradientInfluence(rtol=1e-10, maxiter=5000)
     _, _, exact = reference.pairwise(targets)
-    problem = reference._problem(summed)
+    d = parameter_count(summed.model_at(summed.final))
     g_v = gradient_source(summed, reference.needs).target(summed.final.index)
-    probes = signed_gradient_sums(problem.model, problem.x, problem.y,
-                                  _rademacher(problem.y.shape[0], STOP_PROBES, summed.seed, 1))
-    print(f"run {args.run}: d = {problem.d}, {exact.shape[1]} targets, damping "
+    g_v = g_v.to(torch.float64).unsqueeze(1)
+    probes = ArnoldiInfluence().stop_probes(summed)
+    print(f"run {args.run}: d = {d}, {exact.shape[1]} targets, damping "
           f"{reference.damping_used:.3e} + weight decay {summed.weight_decay:.1e}")
     print(f"{'Krylov dimension':>18} {'Spearman w/ exact':>18} {'residual g_V':>13} "
           f"{'residual probes':>16} {'seconds':>8}")
@@ -79,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                              for j in range(exact.shape[1])])
         label = str(k) if k is not None else f"default ({estimator.krylov_dimension})"
         print(f"{label:>18} {agreement:>18.4f} "
-              f"{_residual(estimator, summed, g_v.to(torch.float64).unsqueeze(1)):>13.4f} "
-              f"{_residual(estimator, summed, probes):>16.4f} {seconds:>8.2f}")
+              f"{estimator.relative_residual(summed, g_v):>13.4f} "
+              f"{estimator.relative_residual(summed, probes):>16.4f} {seconds:>8.2f}")
     return 0
 
 

@@ -207,6 +207,11 @@ def power_iteration(
     return float(v @ matvec(v))
 
 
+def in_dtype(operator: MatVec, dtype: torch.dtype) -> MatVec:
+    """``operator`` applied in ``dtype``: v is cast to it and the product back to v's dtype."""
+    return lambda v: operator(v.to(dtype)).to(v.dtype)
+
+
 def curvature_operator(
     model: nn.Module,
     x: Inputs,

@@ -53,6 +53,7 @@ from estimators.hvp import (
     arnoldi_eigenpairs,
     curvature_operator,
     dense_eigenpairs,
+    in_dtype,
     power_iteration,
     ritz_pairs,
     signed_gradient_sums,
@@ -251,11 +252,6 @@ def product_dtype(products: str) -> torch.dtype:
     return getattr(torch, products)
 
 
-def in_dtype(operator: MatVec, dtype: torch.dtype) -> MatVec:
-    """``operator`` applied in ``dtype``: v is cast to it and the product back to v's dtype."""
-    return lambda v: operator(v.to(dtype)).to(v.dtype)
-
-
 def _target_rows(
     ctx: ScoringContext, source: GradientSource, model: nn.Module
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -330,6 +326,21 @@ class _IterativeInfluence(Estimator):
                 f"target gradient has {g.shape[-1]} entries, the model has d={d} parameters "
                 "(projected gradients cannot be used here)"
             )
+
+    def solve(self, ctx: ScoringContext, rhs: torch.Tensor) -> torch.Tensor:
+        """``A^{-1} rhs`` for rhs (d, m) float64 by this estimator's method, A the damped
+        curvature of ctx's final model (what ``score`` applies to g_V): (d, m) float64."""
+        problem = self._problem(ctx)
+        self._check(rhs.T, problem.d)
+        return self._solver(ctx, problem)(rhs.to(torch.float64).to(ctx.device))
+
+    def relative_residual(self, ctx: ScoringContext, rhs: torch.Tensor) -> float:
+        """Worst ``||A x - b|| / ||b||`` over the columns b of rhs (d, m), x = ``solve``, A
+        applied exactly (float64 products): how far this estimator's solve is from exact."""
+        problem = self._problem(ctx)
+        rhs = rhs.to(torch.float64).to(ctx.device)
+        error = torch.linalg.vector_norm(problem.operator(self.solve(ctx, rhs)) - rhs, dim=0)
+        return float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
 
     def score(self, ctx: ScoringContext) -> Attribution:
         """``score(z) = g_z . A^{-1} g_V`` for every train row: (n,) float64; no suspicion."""
@@ -633,9 +644,7 @@ class ArnoldiInfluence(_IterativeInfluence):
         residual = [0.0 if dense else float("nan")]
         stop = None
         if adaptive and not dense:
-            rhs = signed_gradient_sums(
-                problem.model, problem.x, problem.y,
-                _rademacher(problem.y.shape[0], STOP_PROBES, ctx.seed, 1).to(ctx.device))
+            rhs = self._stop_probes(ctx, problem)
 
             def stop(basis: torch.Tensor, projected: torch.Tensor) -> bool:
                 if self.rank is None and int(torch.linalg.cholesky_ex(projected)[1]) == 0:
@@ -671,6 +680,15 @@ class ArnoldiInfluence(_IterativeInfluence):
             self._cached.pop(next(iter(self._cached)))
         self._cached[key] = (values, vectors, self._rest)
         return values, vectors
+
+    def stop_probes(self, ctx: ScoringContext) -> torch.Tensor:
+        """The right-hand sides the adaptive stop solves: ``STOP_PROBES`` random-sign sums of
+        the curvature rows' gradients (seeded by ctx.seed), (d, STOP_PROBES) float64."""
+        return self._stop_probes(ctx, self._problem(ctx))
+
+    def _stop_probes(self, ctx: ScoringContext, problem: _Problem) -> torch.Tensor:
+        signs = _rademacher(problem.y.shape[0], STOP_PROBES, ctx.seed, 1).to(ctx.device)
+        return signed_gradient_sums(problem.model, problem.x, problem.y, signs)
 
     def _apply(self, values: torch.Tensor, vectors: torch.Tensor, rest: float, shift: float,
                rhs: torch.Tensor) -> torch.Tensor:

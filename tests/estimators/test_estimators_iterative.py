@@ -290,6 +290,22 @@ def test_default_arnoldi_on_a_small_model_is_the_exact_solve(lbfgs_mlp) -> None:
         assert pearsonr(attribution.suspicion, exact.suspicion)[0] > 0.99999
 
 
+def test_solve_and_its_residual_say_how_exact_a_solver_is(lbfgs_mlp, monkeypatch) -> None:
+    """``relative_residual`` measures ``solve`` against the float64 damped operator: tight CG
+    is exact, an 8-dimensional Arnoldi is not, and the adaptive Arnoldi reaches its rtol on
+    the right-hand sides it stops on (``stop_probes``)."""
+    monkeypatch.setattr(iterative_influence, "WHOLE_SPACE", 0)
+    rhs = torch.randn(307, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    tight = ConjugateGradientInfluence(rtol=1e-10, maxiter=2000)
+    assert tight.solve(lbfgs_mlp, rhs).shape == (307, 3)
+    assert tight.relative_residual(lbfgs_mlp, rhs) < 1e-8
+    assert ArnoldiInfluence(n_iter=8).relative_residual(lbfgs_mlp, rhs) > 1e-2
+    adaptive = ArnoldiInfluence()
+    probes = adaptive.stop_probes(lbfgs_mlp)
+    assert probes.shape == (307, iterative_influence.STOP_PROBES)
+    assert adaptive.relative_residual(lbfgs_mlp, probes) <= adaptive.rtol
+
+
 def test_default_arnoldi_converges_to_the_exact_solve(lbfgs_mlp, capsys, monkeypatch) -> None:
     """No n_iter, Krylov path (WHOLE_SPACE below d): Arnoldi grows its Krylov space until the
     solve reaches rtol, so a tight rtol matches the exact damped solve and a loose one stops at
