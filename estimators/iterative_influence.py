@@ -252,6 +252,12 @@ def product_dtype(products: str) -> torch.dtype:
     return getattr(torch, products)
 
 
+def _relative_residual(operator: MatVec, solved: torch.Tensor, rhs: torch.Tensor) -> float:
+    """Worst ``||A x_j - b_j|| / ||b_j||`` over the columns of rhs (d, m), x = solved (d, m)."""
+    error = torch.linalg.vector_norm(operator(solved) - rhs, dim=0)
+    return float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
+
+
 def _target_rows(
     ctx: ScoringContext, source: GradientSource, model: nn.Module
 ) -> tuple[np.ndarray, torch.Tensor]:
@@ -328,19 +334,20 @@ class _IterativeInfluence(Estimator):
             )
 
     def solve(self, ctx: ScoringContext, rhs: torch.Tensor) -> torch.Tensor:
-        """``A^{-1} rhs`` for rhs (d, m) float64 by this estimator's method, A the damped
-        curvature of ctx's final model (what ``score`` applies to g_V): (d, m) float64."""
-        problem = self._problem(ctx)
-        self._check(rhs.T, problem.d)
-        return self._solver(ctx, problem)(rhs.to(torch.float64).to(ctx.device))
+        """``A^{-1} rhs`` for rhs (d, m) by this estimator's method, A the damped curvature of
+        ctx's final model (what ``score`` applies to g_V): (d, m) float64."""
+        return self._solve(ctx, self._problem(ctx), rhs)
 
     def relative_residual(self, ctx: ScoringContext, rhs: torch.Tensor) -> float:
         """Worst ``||A x - b|| / ||b||`` over the columns b of rhs (d, m), x = ``solve``, A
         applied exactly (float64 products): how far this estimator's solve is from exact."""
         problem = self._problem(ctx)
         rhs = rhs.to(torch.float64).to(ctx.device)
-        error = torch.linalg.vector_norm(problem.operator(self.solve(ctx, rhs)) - rhs, dim=0)
-        return float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
+        return _relative_residual(problem.operator, self._solve(ctx, problem, rhs), rhs)
+
+    def _solve(self, ctx: ScoringContext, problem: _Problem, rhs: torch.Tensor) -> torch.Tensor:
+        self._check(rhs.T, problem.d)
+        return self._solver(ctx, problem)(rhs.to(torch.float64).to(ctx.device))
 
     def score(self, ctx: ScoringContext) -> Attribution:
         """``score(z) = g_z . A^{-1} g_V`` for every train row: (n,) float64; no suspicion."""
@@ -655,8 +662,7 @@ class ArnoldiInfluence(_IterativeInfluence):
                     values, vectors = self._kept(*ritz_pairs(basis, projected))
                     rest = complement_mean(vectors, torch.diag(values))
                     solved = self._apply(values, vectors, rest, problem.shift, rhs)
-                error = torch.linalg.vector_norm(problem.operator(solved) - rhs, dim=0)
-                residual[0] = float((error / torch.linalg.vector_norm(rhs, dim=0)).max())
+                residual[0] = _relative_residual(problem.operator, solved, rhs)
                 return residual[0] <= self.rtol
 
         if dense:
