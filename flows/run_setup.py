@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,7 +14,7 @@ from storage.location import first_line, is_remote, store_failure
 from storage.store import RunPaths, Store
 from storage.tracking import Tracking, finish_tracking, log_store_file, start_tracking, tag_run
 from tasks.config import Config, config_yaml
-from tasks.interrupts import interruption
+from tasks.interrupts import interruption, release_frames
 
 
 @contextmanager
@@ -64,7 +62,7 @@ def _record_end(run: RunPaths, tracking: Tracking, error: BaseException | None) 
     status = ("complete" if error is None else
               "interrupted" if interruption(error) is not None else "failed")
     if status == "interrupted":
-        _release_interrupted_frames(error)
+        release_frames(error)
     try:
         finish_tracking(tracking, {"complete": "FINISHED", "interrupted": "KILLED"}.get(
             status, "FAILED"))
@@ -76,21 +74,6 @@ def _record_end(run: RunPaths, tracking: Tracking, error: BaseException | None) 
             raise
         get_run_logger().warning("run %s: could not record it as %s: %s", run.run_id, status,
                                  first_line(exc))
-
-
-def _release_interrupted_frames(error: BaseException) -> None:
-    """Free what the frames an interruption cut short still hold. A signal that lands inside
-    an MLflow write leaves its SQLAlchemy session, and the sqlite write lock with it, alive in
-    the traceback's frames; recording the run as interrupted would then wait out sqlite's busy
-    timeout (20 s) and fail. Clearing those frames' locals and collecting returns the
-    connection to its pool, which rolls the cut-short transaction back."""
-    seen: set[int] = set()
-    exc: BaseException | None = error
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
-    gc.collect()
 
 
 def _create(run: RunPaths) -> None:

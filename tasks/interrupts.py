@@ -10,9 +10,11 @@ also records an interruption that Python dropped (``sys.unraisablehook``), and
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -47,6 +49,23 @@ def interruption(exc: BaseException | None) -> int | None:
             return exc.signal
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def release_frames(error: BaseException) -> None:
+    """Free what the frames an interruption cut short still hold, before anything is recorded
+    about it. A signal that lands inside an MLflow write leaves its SQLAlchemy session, and the
+    sqlite write lock with it, alive in the traceback's frames; ending a stage or the run as
+    KILLED would then wait out sqlite's busy timeout (20 s) and fail. Clearing the finished
+    frames' locals (in ``error`` and its cause/context chain; frames still running are left)
+    and collecting returns the connection to its pool, which rolls the cut-short transaction
+    back."""
+    seen: set[int] = set()
+    exc: BaseException | None = error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
 
 
 @contextmanager

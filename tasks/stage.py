@@ -12,7 +12,7 @@ from typing import Any
 from storage.metrics import record_metrics
 from storage.store import RunPaths
 from storage.tracking import StageRun, Tracking
-from tasks.interrupts import interruption, raise_swallowed
+from tasks.interrupts import interruption, raise_swallowed, release_frames
 
 
 class StageRecord:
@@ -49,7 +49,8 @@ class StageRecord:
 def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]:
     """Open the MLflow child run ``name``; on success record ``seconds``, end it FINISHED, then
     write the metrics (last: a stage is done once its rows are in metrics.parquet, and its
-    MLflow run is then already closed). An interruption ends it KILLED, an error FAILED."""
+    MLflow run is then already closed). An interruption ends it KILLED (its cut-short frames
+    released first: ``release_frames``), an error FAILED."""
     raise_swallowed()
     record = StageRecord(name, tracking.start_stage(name))
     started = time.perf_counter()
@@ -57,8 +58,11 @@ def stage(run: RunPaths, tracking: Tracking, name: str) -> Iterator[StageRecord]
         yield record
         record.metric("seconds", time.perf_counter() - started)
     except BaseException as exc:
+        interrupted = interruption(exc) is not None
+        if interrupted:
+            release_frames(exc)
         with contextlib.suppress(Exception):  # e.g. a full disk: report the stage's own error
-            record.mlflow.end("KILLED" if interruption(exc) is not None else "FAILED")
+            record.mlflow.end("KILLED" if interrupted else "FAILED")
         raise
     record.mlflow.end("FINISHED")
     record_metrics(run.metrics, name, record.rows)
