@@ -31,6 +31,11 @@ from estimators.per_sample import flat_parameters, parameter_count, parameter_or
 from workloads.inputs import Inputs, call_functional, cast_floating, num_rows, take, unsqueeze_rows
 
 Curvature = Literal["ggn", "hessian"]
+
+JACOBIAN_CHUNK = 2**21
+"""Largest logit-Jacobian chunk (rows x classes x d floats, 16 MiB in float64) that
+``curvature_matrix`` builds at once for the GGN; the rank-(rows x classes) updates of the d x d
+matrix stay large enough for an efficient matrix product."""
 CURVATURES: tuple[str, ...] = ("ggn", "hessian")
 
 
@@ -69,7 +74,7 @@ def curvature_matrix(
 
     if kind == "ggn":
         n_classes = logits_of(params, take(x, slice(0, 1))).shape[1]
-        rows_per_chunk = max(1, min(chunk_size, 2**23 // (n_classes * d)))
+        rows_per_chunk = max(1, min(chunk_size, JACOBIAN_CHUNK // (n_classes * d)))
 
         def logits_one(p: dict[str, torch.Tensor], row: Inputs) -> torch.Tensor:
             return logits_of(p, unsqueeze_rows(row)).squeeze(0)
@@ -80,6 +85,7 @@ def curvature_matrix(
             m_rows = num_rows(rows)
             jac = jacobian(params, rows)
             j = torch.cat([jac[name].reshape(m_rows, n_classes, -1) for name in names], 2)
+            del jac  # two chunk-sized temporaries alive at once (j and B^T J), not three
             prob = torch.softmax(logits_of(params, rows), dim=1)  # (m, C)
             root = prob.sqrt()
             # H_out = diag(p) - p p^T = B B^T with B = diag(sqrt p) - p sqrt(p)^T
@@ -112,11 +118,15 @@ def damped_cholesky(curvature: torch.Tensor, shift: float, overwrite: bool = Fal
 
     Only the lower triangle is symmetrized (block by block) and factored, in one d x d working
     copy; ``overwrite=True`` uses ``curvature``'s own storage instead when it is float64 (no
-    d x d copy: ``curvature`` then holds L). Raises ValueError when that matrix is not positive
+    d x d copy: ``curvature`` then holds L, as L^T when it was row-major). A row-major matrix is
+    factored through its column-major transposed view, which LAPACK factors without a copy; L
+    is then that view (strides (1, d)). Raises ValueError when that matrix is not positive
     definite (e.g. an indefinite Hessian with too little damping).
     """
     in_place = overwrite and curvature.dtype == torch.float64
     h = curvature if in_place else curvature.to(torch.float64, copy=True)
+    if h.is_contiguous():  # LAPACK factors a column-major matrix in place; a row-major one
+        h = h.mT  # through a d x d copy. The transposed view of the (symmetrized) matrix is it.
     d = h.shape[0]
     for start in range(0, d, 256):  # lower <- (lower + upper^T) / 2, a (256, stop) block at once
         stop = min(start + 256, d)
