@@ -23,7 +23,10 @@ stored gradients, over those plus the whole gradients stage (an upper bound on S
 end-to-end cost: that stage also computes the test-target gradients and every checkpoint's).
 
 Workloads: digits-logreg, digits-mlp (the default MLP) and, only when named,
-digits-relu-mlp (issue 15's external 64-128-10 ReLU MLP, ``benchmarks/external_mlp.py``).
+digits-relu-mlp (issue 15's external 64-128-10 ReLU MLP, ``benchmarks/external_mlp.py``) and
+digits-logreg-lbfgs (the logistic regression fitted to convergence by ``train.optimizer:
+lbfgs``, its retrains too: issue 15's convex setting, where damping 0 is the exact influence
+function and the fixed- and fresh-seed protocols agree).
 
 ``--ensemble K`` adds rows ``sieve <name> ×K``: a second ``sieve evaluate`` of the same workload
 with ``train.models=K`` (every estimator that reads a model averages its scores over K
@@ -55,6 +58,7 @@ WORKLOADS: dict[str, list[str]] = {
     "digits-logreg": ["model.name=logreg"],
     "digits-mlp": [],  # the default MLP
     "digits-relu-mlp": EXTERNAL_MLP,  # issue 15's external workload (not run by default)
+    "digits-logreg-lbfgs": ["model.name=logreg", "train.optimizer=lbfgs"],  # converged fits
 }
 DEFAULT_WORKLOADS = "digits-logreg,digits-mlp"
 # Everything else is `sieve evaluate`'s default protocol (LOO 50 x 3 seeds, LDS 64 subsets x

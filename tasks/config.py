@@ -145,7 +145,9 @@ class TrainConfig(Section):
     models: int = Field(1, ge=1, description="independently trained models; K > 1: every "
                         "estimator that reads a model averages its scores over the K models")
     batch_size: int = Field(32, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "lbfgs"] = Field(
+        "sgd", description="lbfgs: full-batch L-BFGS in float64 to convergence (convex models; "
+        "lr, momentum, schedule and batch_size do not apply)")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-3, ge=0)
@@ -445,6 +447,9 @@ OWN_LOSS = ("loss", "ip_ensemble", "if_exact", "if_cg", "if_lissa", "if_arnoldi"
             "gex", "diffin", "unrolled_sgd")
 """Estimators that compute the training loss (cross-entropy) or its curvature themselves."""
 
+SGD_STEPS = ("diffin", "unrolled_sgd")
+"""Estimators that unroll the training run's SGD steps (their learning rates and updates)."""
+
 
 class Config(Section):
     seed: int = 0
@@ -509,6 +514,14 @@ class Config(Section):
             if self.train.models > 1:
                 raise ValueError("task.loss needs train.models 1 (the ensemble members' "
                                  "gradients are of the cross-entropy)")
+        if self.train.optimizer == "lbfgs":
+            unrolled = [e for e in self.estimators if e.name in SGD_STEPS]
+            named = [e.name for e in unrolled if not e.skip_if_unable]
+            if named:
+                raise ValueError(f"estimators {named} unroll SGD steps, which train.optimizer "
+                                 "lbfgs does not take; drop them or use sgd")
+            self._skip({e.name: "unrolls SGD steps: train.optimizer lbfgs takes none"
+                        for e in unrolled})
         clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
         if clash:
             raise ValueError(f"skipped: {clash} are also listed under estimators")

@@ -23,6 +23,7 @@ from storage.errors import BadInput
 from workloads.datasets import Samples
 from workloads.models import seeded_model
 from workloads.noise import flip_labels
+from workloads.training import lbfgs_iterations, lbfgs_optimizer
 
 FinetuneMode = Literal["frozen", "proximal"]
 
@@ -139,9 +140,7 @@ def task_rows(samples: Samples, task: np.ndarray, name: str, split: str) -> Task
 
 def _lbfgs(params: list[nn.Parameter], objective, max_iter: int, tol: float) -> int:
     """Minimize ``objective()`` over ``params`` with full-batch L-BFGS; returns iterations."""
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=50,
-                            tolerance_grad=tol, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+    opt = lbfgs_optimizer(params, max_iter, tol)
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -150,7 +149,7 @@ def _lbfgs(params: list[nn.Parameter], objective, max_iter: int, tol: float) -> 
         return loss
 
     opt.step(closure)
-    return int(opt.state[opt._params[0]].get("n_iter", 0))
+    return lbfgs_iterations(opt)
 
 
 def _squared_norm(modules: list[nn.Module]) -> torch.Tensor:

@@ -144,6 +144,17 @@ def test_wrong_type() -> None:
     _bad("train=3", needles=("train",))
 
 
+def test_optimizers() -> None:
+    assert load_config(None, ["train.optimizer=lbfgs"]).train.optimizer == "lbfgs"
+    _bad("train.optimizer=newton", needles=("train.optimizer", "lbfgs"))
+    # L-BFGS takes no SGD steps to unroll: named, refused; under `all`, skipped
+    _bad("train.optimizer=lbfgs", "estimators=[ip, diffin]", "prune.by=[ip]",
+         needles=("diffin", "unroll SGD steps", "lbfgs"))
+    every = load_config(None, ["train.optimizer=lbfgs", "estimators=all", "prune.by=[ip]"])
+    assert {"diffin", "unrolled_sgd"} <= set(every.skipped)
+    assert "lbfgs" in every.skipped["diffin"]
+
+
 def test_negative_noise() -> None:
     _bad("data.noise=-0.1", needles=("data.noise", "-0.1"))
 

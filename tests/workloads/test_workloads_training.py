@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from workloads.datasets import load_digits
-from workloads.models import logistic_regression, mlp
+from workloads.models import logistic_regression, mlp, seeded_model
 from workloads.training import CheckpointEvent, Recipe, accuracy, checkpoint_epochs, train
 
 
@@ -214,3 +216,52 @@ def test_keep_mask_drops_samples_and_changes_nothing_else():
     x_changed = x.clone()
     x_changed[[3, 17]] = 100.0  # a dropped row's content must not matter
     assert torch.equal(fit(x_changed, y, keep=keep)[0], without)
+
+
+# ---- lbfgs: a convex model fitted to its optimum ------------------------------------------
+
+
+def _objective_gradient(model: torch.nn.Module, x, y, weight_decay: float) -> float:
+    """Largest entry of the gradient of mean CE + (wd/2)||theta||^2, in float64."""
+    model64 = copy.deepcopy(model).double()
+    params = list(model64.parameters())
+    loss = F.cross_entropy(model64(x.double()), y)
+    loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in params)
+    return max(float(g.abs().max()) for g in torch.autograd.grad(loss, params))
+
+
+def test_lbfgs_reaches_the_optimum_whatever_the_seed(digits_train) -> None:
+    x, y = digits_train
+    recipe = Recipe(epochs=3, optimizer="lbfgs", weight_decay=1e-3)
+    fits, events = [], []
+    for seed in (0, 1):
+        model = seeded_model(lambda: logistic_regression(64, 10), seed)
+        start = _objective_gradient(model, x, y, 1e-3)
+        losses = train(model, x, y, recipe, seed=seed, checkpoints=3,
+                       on_checkpoint=events.append)
+        assert len(losses) == 3 and losses[-1] < 0.5
+        assert _objective_gradient(model, x, y, 1e-3) < 1e-6 < 1e-3 * start
+        fits.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    # one optimum: two initializations agree to float32 rounding
+    assert float((fits[0] - fits[1]).abs().max()) < 1e-5
+    assert [e.lr for e in events] == [1.0] * 6 and events[2].step >= events[0].step > 0
+    again = seeded_model(lambda: logistic_regression(64, 10), 0)
+    train(again, x, y, recipe, seed=0)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in again.parameters()]),
+                       fits[0])  # deterministic
+
+
+def test_lbfgs_keep_mask_fits_the_kept_rows_only(small) -> None:
+    x, y = small
+    recipe = Recipe(epochs=2, optimizer="lbfgs", weight_decay=1e-2)
+    keep = np.ones(len(y), bool)
+    keep[::7] = False
+
+    def fit(x, y, keep=None):
+        model = seeded_model(lambda: logistic_regression(64, 10), 3)
+        train(model, x, y, recipe, seed=0, keep=keep)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    masked = fit(x, y, keep)
+    torch.testing.assert_close(masked, fit(x[keep], y[keep]), atol=1e-5, rtol=0)
+    assert float((masked - fit(x, y)).abs().max()) > 1e-3
