@@ -492,36 +492,27 @@ class Config(Section):
         if len(set(names)) != len(names):
             raise ValueError("estimators: an estimator is listed twice")
         if self.gradients.projection is not None:
-            full = [e for e in self.estimators
-                    if (n := make_estimator(e.name, **e.options).needs).gradients
-                    and n.full_gradients]
-            named = [e.name for e in full if not e.skip_if_unable]
-            if named:
-                raise ValueError(
-                    f"estimators {named} need unprojected gradients; drop them or "
-                    "gradients.projection"
-                )
-            self._skip({e.name: "needs unprojected gradients: drop gradients.projection"
-                        for e in full})
+            self._refuse_or_skip(
+                [e for e in self.estimators
+                 if (n := make_estimator(e.name, **e.options).needs).gradients
+                 and n.full_gradients],
+                "estimators {} need unprojected gradients; drop them or gradients.projection",
+                "needs unprojected gradients: drop gradients.projection")
         if self.task.loss is not None:
-            own = [e for e in self.estimators if e.name in OWN_LOSS]
-            named = [e.name for e in own if not e.skip_if_unable]
-            if named:
-                raise ValueError(f"task.loss: estimators {named} differentiate the cross-entropy "
-                                 "themselves; drop them or task.loss")
-            self._skip({e.name: "differentiates the cross-entropy itself: drop task.loss"
-                        for e in own})
+            self._refuse_or_skip(
+                [e for e in self.estimators if e.name in OWN_LOSS],
+                "task.loss: estimators {} differentiate the cross-entropy themselves; drop them "
+                "or task.loss",
+                "differentiates the cross-entropy itself: drop task.loss")
             if self.train.models > 1:
                 raise ValueError("task.loss needs train.models 1 (the ensemble members' "
                                  "gradients are of the cross-entropy)")
         if self.train.optimizer == "lbfgs":
-            unrolled = [e for e in self.estimators if e.name in SGD_STEPS]
-            named = [e.name for e in unrolled if not e.skip_if_unable]
-            if named:
-                raise ValueError(f"estimators {named} unroll SGD steps, which train.optimizer "
-                                 "lbfgs does not take; drop them or use sgd")
-            self._skip({e.name: "unrolls SGD steps: train.optimizer lbfgs takes none"
-                        for e in unrolled})
+            self._refuse_or_skip(
+                [e for e in self.estimators if e.name in SGD_STEPS],
+                "estimators {} unroll SGD steps, which train.optimizer lbfgs does not take; "
+                "drop them or use sgd",
+                "unrolls SGD steps: train.optimizer lbfgs takes none")
         clash = sorted(set(self.skipped) & {e.name for e in self.estimators})
         if clash:
             raise ValueError(f"skipped: {clash} are also listed under estimators")
@@ -535,6 +526,15 @@ class Config(Section):
 
     def estimator(self, name: str) -> EstimatorSpec:
         return next(e for e in self.estimators if e.name == name)
+
+    def _refuse_or_skip(self, unable: list[EstimatorSpec], refusal: str, reason: str) -> None:
+        """Refuse the run (ValueError ``refusal.format(names)``) when one of the estimators
+        ``unable`` to run here was named; skip them (``reason``) when all came from
+        ``estimators: all``."""
+        named = [e.name for e in unable if not e.skip_if_unable]
+        if named:
+            raise ValueError(refusal.format(named))
+        self._skip({e.name: reason for e in unable})
 
     def _skip(self, reasons: dict[str, str]) -> None:
         """Move the estimators ``reasons`` names to ``skipped`` (ValueError if that leaves none,
