@@ -190,7 +190,7 @@ def _fit_lbfgs(
     opt = lbfgs_optimizer(params, LBFGS_ITERATIONS, LBFGS_TOLERANCE)
 
     def data_loss(backward: bool) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=y.device)
         for idx in chunks:
             loss = loss_fn(call_model(fit, take(x64, idx)), y[idx]) * (len(idx) / len(rows))
             if backward:
