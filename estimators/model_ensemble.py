@@ -20,6 +20,11 @@ computes them itself in memory (``estimators._streaming.gradient_source``). Memb
 the other, so the extra memory is one member's gradients at a time: n x d floats per checkpoint
 the estimator reads (final, or all), plus its target rows. ``pairwise_stream`` (a base that
 streams) reads all members in step instead, block by block, with no (n, n_targets) matrix.
+
+A ``MemberRunner`` lets other processes compute some members' ``score`` or
+``pairwise_vectors`` while this one computes the rest (``tasks.member_pool``: one worker
+process per idle core); every member is computed exactly once, by the same code, so the
+outputs do not depend on where a member ran.
 """
 
 from __future__ import annotations
@@ -27,16 +32,35 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
-from typing import Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from estimators.base import Attribution, Estimator, GradientSource, PairwiseStream, ScoringContext
-from estimators.streamed import mean_stream, pairwise_stream
+from estimators._streaming import gradient_source
+from estimators.base import (
+    Attribution,
+    Estimator,
+    GradientSource,
+    PairwiseStream,
+    PairwiseVectors,
+    ScoringContext,
+)
+from estimators.streamed import linear_stream, mean_stream, pairwise_stream
 
 T = TypeVar("T")
 GradientsFor = Callable[[ScoringContext, Literal["final", "all"]], GradientSource]
 """Per-sample gradients of one member's context at its final or all checkpoints."""
+MemberMethod = Literal["score", "pairwise_vectors"]
+"""What one member computes: its ``score`` (an Attribution) or its ``pairwise_vectors``."""
+
+
+class MemberRunner(Protocol):
+    """Computes members of an ensemble elsewhere while the caller computes others."""
+
+    def map(self, method: MemberMethod, count: int, here: Callable[[int], Any]) -> list[Any]:
+        """Member m's ``method`` result for m in range(count), in member order: each from
+        ``here(m)`` (this process) or from ``ModelEnsemble.member_result(ctx, method, m)`` run
+        on an equal ensemble and context elsewhere; every member computed once."""
 
 
 def averages_over_models(estimator: Estimator) -> bool:
@@ -52,8 +76,10 @@ class ModelEnsemble(Estimator):
     ``gradients_for``: how a member m >= 1 gets its per-sample gradients (default: the base
     estimator computes them in memory); ``stream_gradients_for``: the same for
     ``pairwise_stream`` (default ``gradients_for``; e.g. gradients computed block by block as
-    they are read); ``on_member(m, K)`` is called before member m runs. With no extra models
-    the output is the base estimator's, bit for bit.
+    they are read); ``on_member(m, K)`` is called before member m runs here; ``runner``: where
+    ``score`` and a linear base's ``pairwise_stream`` may compute members besides here (None:
+    all here, one after the other). With no extra models the output is the base estimator's,
+    bit for bit.
     """
 
     def __init__(
@@ -62,6 +88,7 @@ class ModelEnsemble(Estimator):
         gradients_for: GradientsFor | None = None,
         on_member: Callable[[int, int], None] | None = None,
         stream_gradients_for: GradientsFor | None = None,
+        runner: MemberRunner | None = None,
     ) -> None:
         if not averages_over_models(base):
             raise ValueError(f"{base.name} reads no model or combines models itself")
@@ -71,29 +98,49 @@ class ModelEnsemble(Estimator):
         self.gradients_for = gradients_for
         self.on_member = on_member
         self.stream_gradients_for = stream_gradients_for or gradients_for
+        self.runner = runner
 
     def members(
         self, ctx: ScoringContext, gradients_for: GradientsFor | None = None
     ) -> Iterator[ScoringContext]:
-        """The context of each model in turn: model 0 as given, then each of ``extra_models``
-        (with gradients from ``gradients_for``, default ``self.gradients_for``)."""
-        gradients_for = gradients_for or self.gradients_for
-        models = [ctx.checkpoints, *ctx.extra_models]
-        for m, checkpoints in enumerate(models):
-            if not checkpoints:
-                raise ValueError(f"model {m} of the ensemble has no checkpoints")
+        """The context of each model in turn (``member``), ``on_member`` called before each."""
+        count = 1 + len(ctx.extra_models)
+        for m in range(count):
             if self.on_member is not None:
-                self.on_member(m, len(models))
-            if m == 0:
-                yield replace(ctx, extra_models=[])
-                continue
-            member = replace(ctx, checkpoints=checkpoints, extra_models=[], gradients=None)
-            if self.base.needs.gradients and gradients_for is not None:
-                member.gradients = gradients_for(member, self.base.needs.checkpoints)
-            yield member
+                self.on_member(m, count)
+            yield self.member(ctx, m, gradients_for)
+
+    def member(
+        self, ctx: ScoringContext, m: int, gradients_for: GradientsFor | None = None
+    ) -> ScoringContext:
+        """Model m's context: model 0 as given (its ``ctx.gradients``), model m >= 1 with its
+        own checkpoints and gradients from ``gradients_for`` (default ``self.gradients_for``;
+        None: the base estimator computes them)."""
+        checkpoints = [ctx.checkpoints, *ctx.extra_models][m]
+        if not checkpoints:
+            raise ValueError(f"model {m} of the ensemble has no checkpoints")
+        if m == 0:
+            return replace(ctx, extra_models=[])
+        member = replace(ctx, checkpoints=checkpoints, extra_models=[], gradients=None)
+        gradients_for = gradients_for or self.gradients_for
+        if self.base.needs.gradients and gradients_for is not None:
+            member.gradients = gradients_for(member, self.base.needs.checkpoints)
+        return member
+
+    def member_result(
+        self, ctx: ScoringContext, method: MemberMethod, m: int
+    ) -> Attribution | PairwiseVectors:
+        """Model m's ``score`` or ``pairwise_vectors`` (its gradients from
+        ``stream_gradients_for``), as ``score`` and ``pairwise_stream`` compute it: what a
+        ``MemberRunner`` runs elsewhere."""
+        if method == "score":
+            return self._guarded(m, self.base.score, self.member(ctx, m))
+        member = self.member(ctx, m, self.stream_gradients_for)
+        return self._guarded(m, self.base.pairwise_vectors,
+                             replace(member, gradients=gradient_source(member, self.base.needs)))
 
     def score(self, ctx: ScoringContext) -> Attribution:
-        runs = list(self._each(ctx, self.base.score))
+        runs = self._map(ctx, "score", lambda m: self.member_result(ctx, "score", m))
         ids = runs[0].sample_ids
         for run in runs[1:]:
             _same_ids(ids, run.sample_ids, "train")
@@ -127,26 +174,57 @@ class ModelEnsemble(Estimator):
         """The mean over models of the base estimator's ``streamed.pairwise_stream``, block by
         block (``streamed.mean_stream``): ``pairwise``'s numbers without an (n, m) matrix.
         Every member's stream is prepared first (its target vectors or factors, m x d floats
-        per member), then all are read in step, one block of each at a time. Model 0 reads
-        ``ctx.gradients`` block by block; an extra model's gradients come from
-        ``stream_gradients_for`` and stay alive until the stream ends: K - 1 sources at once
-        (n x d floats each when held in memory, one block when computed as read)."""
+        per member; a linear base's vectors through ``runner``), then all are read in step,
+        one block of each at a time. Model 0 reads ``ctx.gradients`` block by block; an extra
+        model's gradients come from ``stream_gradients_for`` and stay alive until the stream
+        ends: K - 1 sources at once (n x d floats each when held in memory, one block when
+        computed as read)."""
         if not self.streams_pairwise():
             raise NotImplementedError(f"{self.name} has no streamed train x test form")
-        run = partial(pairwise_stream, self.base)
-        return mean_stream(list(self._each(ctx, run, self.stream_gradients_for)))
+        if type(self.base).pairwise_vectors is Estimator.pairwise_vectors:
+            run = partial(pairwise_stream, self.base)
+            return mean_stream(list(self._each(ctx, run, self.stream_gradients_for)))
+        contexts = [self.member(ctx, m, self.stream_gradients_for)
+                    for m in range(1 + len(ctx.extra_models))]
+        sources = [gradient_source(member, self.base.needs) for member in contexts]
+
+        def here(m: int) -> PairwiseVectors:
+            member = replace(contexts[m], gradients=sources[m])
+            return self._guarded(m, self.base.pairwise_vectors, member)
+
+        vectors = self._map(ctx, "pairwise_vectors", here)
+        return mean_stream([linear_stream(source, v)
+                            for source, v in zip(sources, vectors, strict=True)])
+
+    def _map(self, ctx: ScoringContext, method: MemberMethod,
+             here: Callable[[int], T]) -> list[T]:
+        """``here(m)`` for every member in order (``on_member`` first), or, with a
+        ``runner``, each member either here or elsewhere."""
+        count = 1 + len(ctx.extra_models)
+
+        def announced(m: int) -> T:
+            if self.on_member is not None:
+                self.on_member(m, count)
+            return here(m)
+
+        if self.runner is None or count == 1:
+            return [announced(m) for m in range(count)]
+        return self.runner.map(method, count, announced)
 
     def _each(
         self, ctx: ScoringContext, run: Callable[[ScoringContext], T],
         gradients_for: GradientsFor | None = None,
     ) -> Iterator[T]:
-        """``run`` on every member in turn; a ValueError names the model it came from."""
+        """``run`` on every member in turn, one after the other."""
         for m, member in enumerate(self.members(ctx, gradients_for)):
-            try:
-                result = run(member)
-            except ValueError as exc:
-                raise ValueError(f"{self.name} on model {m} of the ensemble: {exc}") from exc
-            yield result
+            yield self._guarded(m, run, member)
+
+    def _guarded(self, m: int, run: Callable[[ScoringContext], T], member: ScoringContext) -> T:
+        """``run(member)``; a ValueError names the model it came from."""
+        try:
+            return run(member)
+        except ValueError as exc:
+            raise ValueError(f"{self.name} on model {m} of the ensemble: {exc}") from exc
 
 
 def _mean(arrays: list[np.ndarray]) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Train x target scores streamed block by block, whatever the estimator's form.
 
 ``pairwise_stream(estimator, ctx)``: the estimator's ``PairwiseStream`` — its
-``pairwise_vectors`` scored against the train gradients block by block
-(``blockwise.pairwise_blocks``), or its own ``pairwise_stream``. ``mean_stream``: the mean of
+``pairwise_vectors`` scored against the train gradients block by block (``linear_stream``),
+or its own ``pairwise_stream``. ``mean_stream``: the mean of
 several streams block by block (a model ensemble). ``gathered``: a stream as the whole
 (train ids (n,), target ids (T,), (n, T) float64) matrix, for library use. Project sign
 throughout: > 0 means training sample z is beneficial to target t.
@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from estimators._streaming import gradient_source
-from estimators.base import Estimator, PairwiseStream, ScoringContext
+from estimators.base import (
+    Estimator,
+    GradientSource,
+    PairwiseStream,
+    PairwiseVectors,
+    ScoringContext,
+)
 from estimators.blockwise import pairwise_blocks
 
 Block = tuple[np.ndarray, torch.Tensor]
@@ -31,7 +37,12 @@ def pairwise_stream(estimator: Estimator, ctx: ScoringContext) -> PairwiseStream
     if type(estimator).pairwise_vectors is Estimator.pairwise_vectors:
         return estimator.pairwise_stream(ctx)
     source = gradient_source(ctx, estimator.needs)
-    vectors = estimator.pairwise_vectors(replace(ctx, gradients=source))
+    return linear_stream(source, estimator.pairwise_vectors(replace(ctx, gradients=source)))
+
+
+def linear_stream(source: GradientSource, vectors: PairwiseVectors) -> PairwiseStream:
+    """The stream of ``vectors`` scored against ``source``'s train gradients, block by block
+    (``blockwise.pairwise_blocks``), each block computed when asked for."""
     return PairwiseStream(np.asarray(vectors.target_ids, dtype=np.int64),
                           pairwise_blocks(source, vectors))
 

@@ -144,6 +144,9 @@ class TrainConfig(Section):
     checkpoints: int | list[CheckpointFile] = Field(5)
     models: int = Field(1, ge=1, description="independently trained models; K > 1: every "
                         "estimator that reads a model averages its scores over the K models")
+    models_in_parallel: int | None = Field(
+        None, ge=1, description="models the score stage scores at once, each in its own "
+        "process (null: one per CPU core, at most train.models; 1: one after the other)")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam", "lbfgs"] = Field(
         "sgd", description="lbfgs: full-batch L-BFGS in float64 to convergence (convex models; "

@@ -6,14 +6,15 @@ reads none and ``trak`` combines the models itself, so both run as configured. W
 configured estimator runs unwrapped (bit-identical to a run without this module).
 
 The gradients stage stores per-sample gradients of model 0 only. Models 1..K-1 get theirs in
-memory, one model at a time, in the form that stage stores them (``member_gradients``); for the
-streamed train x test attributions they are computed block by block as they are read
-(``streamed_member_gradients``), so no model holds n x d.
+memory, one model at a time per process, in the form that stage stores them
+(``member_gradients``); for the streamed train x test attributions they are computed block by
+block as they are read (``streamed_member_gradients``), so no model holds n x d. Members may be
+computed in worker processes beside the stage's (``tasks.member_pool``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -23,7 +24,12 @@ from prefect import get_run_logger
 from estimators.base import Checkpoint, Estimator, ScoringContext
 from estimators.factorized import make_projector
 from estimators.gradient_source import InMemoryGradients
-from estimators.model_ensemble import GradientsFor, ModelEnsemble, averages_over_models
+from estimators.model_ensemble import (
+    GradientsFor,
+    MemberRunner,
+    ModelEnsemble,
+    averages_over_models,
+)
 from estimators.per_sample import per_sample_gradients
 from estimators.registry import make_estimator
 from storage.gradient_shards import STORED_DTYPES
@@ -31,18 +37,25 @@ from tasks.config import Config
 from workloads.inputs import take, to_device
 
 
-def scored_estimator(config: Config, name: str) -> Estimator:
-    """The configured estimator ``name``; averaged over the models when ``train.models > 1``."""
+def scored_estimator(config: Config, name: str,
+                     runner: Callable[[Callable[[int, int], None]], MemberRunner] | None = None
+                     ) -> Estimator:
+    """The configured estimator ``name``; averaged over the models when ``train.models > 1``,
+    with ``runner(announce)`` (``tasks.member_pool``) computing members beside this process."""
     estimator = make_estimator(name, **config.estimator(name).options)
     if config.train.models == 1 or not averages_over_models(estimator):
         return estimator
 
-    def announce(member: int, count: int) -> None:
-        get_run_logger().info("score: %s on model %d (%d of %d)", name, member, member + 1,
-                              count)
+    def announce(member: int, count: int, where: str = "") -> None:
+        get_run_logger().info("score: %s on model %d (%d of %d)%s", name, member, member + 1,
+                              count, where)
+
+    def announce_worker(member: int, count: int) -> None:
+        announce(member, count, " done in a worker process")
 
     return ModelEnsemble(estimator, member_gradients(config), announce,
-                         streamed_member_gradients(config))
+                         streamed_member_gradients(config),
+                         runner(announce_worker) if runner is not None else None)
 
 
 def member_gradients(config: Config) -> GradientsFor:

@@ -9,6 +9,7 @@ corruption is known, each estimator's noisy-label detection metrics.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ from storage.tracking import Tracking
 from tasks.attributions import write_pairwise
 from tasks.config import Config
 from tasks.ensemble import scored_estimator
+from tasks.member_pool import MemberJob, MemberPool, member_pool, parallel_members
 from tasks.memory import peak_memory
 from tasks.progress import StageProgress
 from tasks.stage import stage
@@ -103,14 +105,17 @@ def supports_pairwise(estimator: Estimator) -> bool:
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_one(
-    run: RunPaths, config: Config, records: list[CheckpointRecord], name: str
+    run: RunPaths, config: Config, records: list[CheckpointRecord], name: str,
+    pool: MemberPool | None = None,
 ) -> tuple[Attribution, float, float, float | None]:
     """Run estimator ``name`` and write its scores (and, when asked and supported, its
     train x test attributions); returns (attribution, seconds and peak MiB above the start,
     both for the summed target, and the seconds of the train x test attributions, None when
-    not written)."""
+    not written). ``pool``: worker processes that score ensemble members beside this one."""
     torch.set_num_threads(1)
-    estimator = scored_estimator(config, name)  # averaged over train.models when > 1
+    runner = (partial(pool.runner, MemberJob(run, config, records, name))
+              if pool is not None else None)
+    estimator = scored_estimator(config, name, runner)  # averaged over train.models when > 1
     started = time.perf_counter()
     with peak_memory() as memory:
         attribution = estimator.score(scoring_context(run, config, records))
@@ -148,14 +153,15 @@ def score_stage(
     work = load_workload(run, config)
     corrupted = work.samples.corrupted
     summary: dict[str, dict[str, float]] = {}
-    with stage(run, tracking, "score") as rec:
+    with stage(run, tracking, "score") as rec, member_pool(config) as pool:
         rec.params({"estimators": ",".join(e.name for e in config.estimators),
-                    "target": target_name(config)})
+                    "target": target_name(config),
+                    "models_in_parallel": parallel_members(config)})
         attributions = {}
         scored = StageProgress("score", len(config.estimators), "estimators", log)
         for spec in config.estimators:
             attribution, seconds, peak_mb, pairwise = score_one(run, config, records,
-                                                                spec.name)
+                                                                spec.name, pool)
             attributions[spec.name] = attribution
             row = {"seconds": seconds, "peak_mb": peak_mb}
             rec.metric("seconds", seconds, estimator=spec.name)

@@ -158,3 +158,38 @@ def test_an_error_names_the_model_it_came_from(models) -> None:
     ensemble = models["ensemble"]
     with pytest.raises(ValueError, match="fails on model 1 of the ensemble: damped curvature"):
         ModelEnsemble(_FailsOnOtherModels(ensemble.checkpoints)).score(ensemble)
+
+
+class _OddMembersElsewhere:
+    """A ``MemberRunner`` that computes the odd members on a separate, equal ensemble (as a
+    worker process would) and the even ones through ``here``."""
+
+    def __init__(self, make, ctx) -> None:
+        self.make, self.ctx, self.here_calls = make, ctx, []
+
+    def map(self, method, count, here):
+        results = []
+        for m in range(count):
+            if m % 2:
+                results.append(self.make().member_result(self.ctx, method, m))
+            else:
+                self.here_calls.append((method, m))
+                results.append(here(m))
+        return results
+
+
+@pytest.mark.parametrize("base", [InnerProduct, ConjugateGradientInfluence],
+                         ids=lambda c: c.name)
+def test_members_computed_elsewhere_give_the_same_numbers(models, base) -> None:
+    """Through a runner, score and the streamed pairwise equal the one-after-the-other ensemble
+    bit for bit; the runner was asked for every member and computed model 1 itself."""
+    ctx = models["ensemble"]
+    sequential = ModelEnsemble(base())
+    runner = _OddMembersElsewhere(lambda: ModelEnsemble(base()), ctx)
+    spread = ModelEnsemble(base(), runner=runner)
+    np.testing.assert_array_equal(spread.score(ctx).score, sequential.score(ctx).score)
+    expected = gathered(sequential.pairwise_stream(ctx))
+    got = gathered(spread.pairwise_stream(ctx))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runner.here_calls == [("score", 0), ("pairwise_vectors", 0)]
