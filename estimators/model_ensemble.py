@@ -135,9 +135,13 @@ class ModelEnsemble(Estimator):
         ``MemberRunner`` runs elsewhere."""
         if method == "score":
             return self._guarded(m, self.base.score, self.member(ctx, m))
+        return self._guarded(m, self.base.pairwise_vectors, self._streamed_member(ctx, m))
+
+    def _streamed_member(self, ctx: ScoringContext, m: int) -> ScoringContext:
+        """Model m's context with its gradient source for the streamed train x test scores
+        (``stream_gradients_for``, else computed in memory)."""
         member = self.member(ctx, m, self.stream_gradients_for)
-        return self._guarded(m, self.base.pairwise_vectors,
-                             replace(member, gradients=gradient_source(member, self.base.needs)))
+        return replace(member, gradients=gradient_source(member, self.base.needs))
 
     def score(self, ctx: ScoringContext) -> Attribution:
         runs = self._map(ctx, "score", lambda m: self.member_result(ctx, "score", m))
@@ -184,17 +188,11 @@ class ModelEnsemble(Estimator):
         if type(self.base).pairwise_vectors is Estimator.pairwise_vectors:
             run = partial(pairwise_stream, self.base)
             return mean_stream(list(self._each(ctx, run, self.stream_gradients_for)))
-        contexts = [self.member(ctx, m, self.stream_gradients_for)
-                    for m in range(1 + len(ctx.extra_models))]
-        sources = [gradient_source(member, self.base.needs) for member in contexts]
-
-        def here(m: int) -> PairwiseVectors:
-            member = replace(contexts[m], gradients=sources[m])
-            return self._guarded(m, self.base.pairwise_vectors, member)
-
-        vectors = self._map(ctx, "pairwise_vectors", here)
-        return mean_stream([linear_stream(source, v)
-                            for source, v in zip(sources, vectors, strict=True)])
+        members = [self._streamed_member(ctx, m) for m in range(1 + len(ctx.extra_models))]
+        vectors = self._map(ctx, "pairwise_vectors", lambda m: self._guarded(
+            m, self.base.pairwise_vectors, members[m]))
+        return mean_stream([linear_stream(member.gradients, v)
+                            for member, v in zip(members, vectors, strict=True)])
 
     def _map(self, ctx: ScoringContext, method: MemberMethod,
              here: Callable[[int], T]) -> list[T]:
